@@ -1,0 +1,750 @@
+"""
+From records to tensors: everything between a (question, image, answer) record and the batch
+the model eats.
+
+- images: load, smart-resize to multiples of 28, bicubic, rescale, CLIP-normalize, patchify in
+  Qwen2-VL's order -> pixel_values (n_patches, 3*2*14*14) and image_grid_thw (t, h, w). Written
+  by hand; equal (to 1e-5) to transformers' Qwen2VLImageProcessorPil.
+- prompts: the Qwen2.5-VL chat format, each <|image_pad|> expanded to one token per merged
+  28x28 patch.
+- token ids and loss masks for SFT: labels = -100 except the assistant reply and its <|im_end|>.
+- batching: right or left padding, attention masks from lengths (the pad id may equal EOS).
+- a tiny byte-level tokenizer with Qwen's special tokens and chat template, saved in the same
+  layout as a real checkpoint so one loading path (AutoTokenizer) serves both.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, UnidentifiedImageError
+
+# -----------------------------------------------------------------------------
+# constants
+
+PATCH_SIZE = 14  # vision patch side, pixels
+TEMPORAL_PATCH_SIZE = 2  # a still image is repeated twice along time
+MERGE_SIZE = 2  # 2x2 patches -> one LM token
+FACTOR = PATCH_SIZE * MERGE_SIZE  # 28: image sides are multiples of this
+# defaults of transformers' Qwen2VLImageProcessor(Pil) class: size={"shortest_edge": 56*56,
+# "longest_edge": 28*28*1280}. Note: the official Qwen2.5-VL checkpoints' preprocessor_config.json
+# override max_pixels with 12845056 (= 28*28*16384), and OpenVLThinker trains at 512*512 = 262144.
+MIN_PIXELS = 56 * 56  # 3136
+MAX_PIXELS = 28 * 28 * 1280  # 1003520
+CKPT_MAX_PIXELS = 12845056  # what a Qwen2.5-VL checkpoint directory asks for
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PATCH_DIM = 3 * TEMPORAL_PATCH_SIZE * PATCH_SIZE * PATCH_SIZE  # 1176
+IGNORE_INDEX = -100  # label of untrained positions
+
+DEFAULT_SYSTEM = "You are a helpful assistant."
+# Qwen's special tokens, in Qwen's order (ids 151643.. in the real vocab, 256.. in the tiny one)
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+REASONING_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]  # normal added tokens
+IMAGE_PAD = "<|image_pad|>"
+
+# Qwen2.5-VL's chat template (as in its chat_template.json): default system prompt, image and
+# video parts as <|vision_start|><|X_pad|><|vision_end|>, optional "Picture k: " ids.
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n" + DEFAULT_SYSTEM
+    + "<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# -----------------------------------------------------------------------------
+# images
+
+
+def load_image(path):
+    """Open an image file as RGB. Missing file -> FileNotFoundError, unreadable -> ValueError."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now, so a truncated file fails here and not later
+            return to_rgb(im)
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+def to_rgb(image):
+    """RGB copy of a PIL image; transparency is composited onto white (as transformers does)."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def smart_resize(height, width, factor=FACTOR, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
+    """(h, w) as multiples of `factor`, h*w within [min_pixels, max_pixels], aspect ratio kept."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {height}x{width}")
+    h, w = round(height / factor) * factor, round(width / factor) * factor  # banker's round
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def process_image(image, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
+    """PIL image (or path) -> pixel_values (grid_h*grid_w, 1176) float32, grid_thw (3,) long.
+
+    Rows come in merge order: for each 2x2 block of patches (row-major over blocks), its four
+    patches row-major; each row is (channel, time, 14, 14) flattened, matching a Conv3d weight.
+    """
+    if not isinstance(image, Image.Image):
+        image = load_image(image)
+    image = to_rgb(image)
+    h, w = smart_resize(image.height, image.width, FACTOR, min_pixels, max_pixels)
+    # resize on uint8 in PIL (always, even to the same size), like the PIL backend
+    image = image.resize((w, h), resample=Image.Resampling.BICUBIC)
+    x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # (3, h, w) uint8
+    x = (x.double() * (1 / 255)).float()  # rescale in float64, then float32, like transformers
+    mean = torch.tensor(OPENAI_CLIP_MEAN, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(OPENAI_CLIP_STD, dtype=torch.float32)[:, None, None]
+    x = (x - mean) / std
+    gh, gw, m, p = h // PATCH_SIZE, w // PATCH_SIZE, MERGE_SIZE, PATCH_SIZE
+    x = x.reshape(3, gh // m, m, p, gw // m, m, p)
+    x = x.permute(1, 4, 2, 5, 0, 3, 6)  # (gh/m, gw/m, m, m, C, p, p)
+    x = x.unsqueeze(5).expand(*x.shape[:5], TEMPORAL_PATCH_SIZE, p, p)  # (..., C, T, p, p)
+    pixel_values = x.reshape(gh * gw, PATCH_DIM).contiguous()
+    return pixel_values, torch.tensor([1, gh, gw], dtype=torch.long)
+
+
+def process_images(images, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
+    """List of images -> (pixel_values cat over images, image_grid_thw (N, 3))."""
+    outs = [process_image(im, min_pixels, max_pixels) for im in images]
+    if not outs:
+        return torch.zeros(0, PATCH_DIM), torch.zeros(0, 3, dtype=torch.long)
+    return torch.cat([pv for pv, _ in outs]), torch.stack([g for _, g in outs])
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+
+def build_tiny_tokenizer():
+    """Byte-level tokenizer: 256 byte tokens, Qwen's 14 special tokens (ids 256..269), then
+    <think> </think> <answer> </answer> (270..273) as normal added tokens; Qwen's chat template."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}  # token id == byte value
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = byte_level
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in REASONING_TOKENS])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False, model_max_length=32768,
+    )
+
+
+def _bytes_to_unicode():
+    """GPT-2's byte -> printable character table, the alphabet of byte-level BPE."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    others = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def save_tiny_tokenizer(path):
+    """Write the tiny tokenizer to a directory, in the layout of a real checkpoint."""
+    tok = build_tiny_tokenizer()
+    tok.save_pretrained(path)
+    return tok
+
+
+def load_tokenizer(path):
+    """Tokenizer (with chat template) from a checkpoint directory, tiny or real. Local only."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"tokenizer directory not found: {path}")
+    if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json")):
+        raise FileNotFoundError(f"no tokenizer files (tokenizer.json / vocab.json) in {path}")
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def special_ids(tokenizer):
+    """Ids of the tokens a model config needs, by short name; a missing token is an error."""
+    names = dict(image_pad="<|image_pad|>", video_pad="<|video_pad|>",
+                 vision_start="<|vision_start|>", vision_end="<|vision_end|>",
+                 im_start="<|im_start|>", im_end="<|im_end|>", endoftext="<|endoftext|>")
+    out = {}
+    for k, t in names.items():
+        i = tokenizer.convert_tokens_to_ids(t)
+        if i is None or i == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(i) != t:
+            raise KeyError(f"tokenizer has no token {t}")
+        out[k] = i
+    return out
+
+# -----------------------------------------------------------------------------
+# prompts and encodings
+
+
+def build_messages(question, n_images=1, system=None):
+    """One user turn: n_images image parts, then the question text (Qwen's usual order)."""
+    content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": question}]
+    messages = [{"role": "user", "content": content}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
+def prompt_text(tokenizer, question, n_images=1, system=None):
+    """The templated prompt, ending in '<|im_start|>assistant\\n'; one <|image_pad|> per image."""
+    return tokenizer.apply_chat_template(build_messages(question, n_images, system),
+                                         tokenize=False, add_generation_prompt=True)
+
+
+def expand_image_tokens(text, grid_thws, merge_size=MERGE_SIZE):
+    """Replace the k-th <|image_pad|> by t*h*w/merge_size^2 copies (one per LM image token)."""
+    parts = text.split(IMAGE_PAD)
+    if len(parts) - 1 != len(grid_thws):
+        raise ValueError(f"{len(parts) - 1} {IMAGE_PAD} placeholders but {len(grid_thws)} images")
+    out = [parts[0]]
+    for g, part in zip(grid_thws, parts[1:]):
+        t, h, w = (int(v) for v in g)
+        out += [IMAGE_PAD * (t * h * w // merge_size ** 2), part]
+    return "".join(out)
+
+
+def _ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_prompt(tokenizer, question, images, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS,
+                  system=None):
+    """Question + images (PIL or paths) -> dict(input_ids (T,), pixel_values, image_grid_thw)."""
+    pixel_values, grid_thw = process_images(images, min_pixels, max_pixels)
+    text = expand_image_tokens(prompt_text(tokenizer, question, len(images), system), grid_thw)
+    return dict(input_ids=torch.tensor(_ids(tokenizer, text), dtype=torch.long),
+                pixel_values=pixel_values, image_grid_thw=grid_thw)
+
+
+def encode_sft(tokenizer, question, answer, images, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS,
+               system=None):
+    """Prompt + reply -> dict(input_ids, labels, pixel_values, image_grid_thw).
+
+    input_ids = prompt ids + reply ids + <|im_end|> (the template's trailing "\\n" is dropped:
+    nothing is learned from it); labels are IGNORE_INDEX on the prompt, the ids on the rest.
+    The reply is tokenized on its own: exact for a byte-level vocab; with a merging BPE it equals
+    the joint tokenization as long as the reply does not start with whitespace.
+    """
+    enc = encode_prompt(tokenizer, question, images, min_pixels, max_pixels, system)
+    prompt = enc["input_ids"]
+    reply = torch.tensor(_ids(tokenizer, answer) + [tokenizer.convert_tokens_to_ids("<|im_end|>")],
+                         dtype=torch.long)
+    enc["input_ids"] = torch.cat([prompt, reply])
+    enc["labels"] = torch.cat([torch.full_like(prompt, IGNORE_INDEX), reply])
+    return enc
+
+
+def collate(items, pad_id, padding_side="right"):
+    """Pad encodings into a batch. attention_mask comes from lengths, never from token ids.
+
+    Returns input_ids, attention_mask (B, T) long, labels (B, T) padded with IGNORE_INDEX (when
+    the items have labels), pixel_values (all rows' patches, row after row), image_grid_thw (cat).
+    """
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    B, T = len(items), max(len(it["input_ids"]) for it in items)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(B, T, dtype=torch.long)
+    has_labels = "labels" in items[0]
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long) if has_labels else None
+    for b, it in enumerate(items):
+        n = len(it["input_ids"])
+        sl = slice(0, n) if padding_side == "right" else slice(T - n, T)
+        input_ids[b, sl] = it["input_ids"]
+        attention_mask[b, sl] = 1
+        if has_labels:
+            labels[b, sl] = it["labels"]
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask)
+    if has_labels:
+        batch["labels"] = labels
+    batch["pixel_values"] = torch.cat([it["pixel_values"] for it in items])
+    batch["image_grid_thw"] = torch.cat([it["image_grid_thw"].reshape(-1, 3) for it in items])
+    return batch
+
+# -----------------------------------------------------------------------------
+# the synthetic visual-reasoning world (the embedded default; `python data.py synth ...`)
+#
+# The synthetic visual-reasoning world: the embedded default dataset, drawn with PIL, no downloads.
+#
+# Four families mimic the paper's sources at toy scale: `count` (shapes by colour / kind, like
+# CLEVR), `bars` (bar charts, like FigureQA), `table` (small digit tables, like TabMWP) and
+# `geometry` (labelled rectangles / right triangles, like Geometry3K). Every problem is a plain
+# JSON-able `scene`, a 112x112 RGB image drawn from it, a short question, an answer that
+# `answer_from_scene` recomputes from the scene alone, and a reasoning trace in the paper's shape:
+#
+#     <think>red 2 green 1 blue 3. red is 2.</think> The red count is 2. <answer>2</answer>
+#
+# Why traces: a tiny model cannot map pixels to "2" in one jump, but it can read off what it sees
+# (one easy step per object or cell) and then compute (one easy step per operation). The trace
+# turns one hard step into several easy ones. Traces are short (40-120 chars) and regular, because
+# the demo's tokenizer is byte-level. Levels: `easy` (few objects, small numbers) for SFT, `hard`
+# (more objects, more steps, larger numbers) for GRPO; see LEVELS.
+#
+# A record (one JSONL line): id, image (path relative to the JSONL), question, answer, choices
+# (multiple choice only: then `answer` is a letter A-D and the prompt builder must show the options,
+# which are not in `question`), solution (the trace), family, level, kind (the question kind that
+# `answer_from_scene` takes, e.g. "color=red", "tallest", "col_sum=2", "area") and scene.
+#
+# Text is drawn with a hand-made 3x5 pixel digit font scaled up, so it is legible at 14-pixel
+# patches and needs no font file. Determinism: problem i of a split uses random.Random(
+# f"{split}:{seed}:{i}") (string seeds are hashed with SHA-512, independent of PYTHONHASHSEED), so
+# the train streams ("train:0:i", "train:1:i", ...) and the test stream ("test:1234:i") never
+# share a generator, and record i does not depend on n. PNGs are written with no metadata: the same
+# seed gives byte-identical files with the same Pillow build (the pixels are identical anywhere).
+
+
+FAMILIES = ("count", "bars", "table", "geometry")
+TEST_SEED = 1234           # the fixed held-out test split every demo reports on
+IMAGE_SIZE = 112           # 4x4 merged tokens of 28x28 pixels; scenes are laid out on that grid
+BASE = 112                 # scenes are drawn at BASE and resized (NEAREST) to image_size
+COLORS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (40, 70, 220), "yellow": (230, 190, 0)}
+COUNT_COLORS = ("red", "green", "blue")  # counting uses three colours (DESIGN.md 6 measured this)
+KINDS = ("circle", "square", "triangle")
+WHITE, BLACK, GRID, FILL = (255, 255, 255), (0, 0, 0), (190, 190, 190), (170, 210, 240)
+LEVELS = {  # what makes a level hard: more objects, more steps, larger numbers
+    "easy": dict(count_n=(2, 5), bars_n=3, bars_max=5, table_rows=2, table_cols=2, side=(1, 5)),
+    "hard": dict(count_n=(6, 10), bars_n=4, bars_max=9, table_rows=3, table_cols=3, side=(3, 9)),
+}
+GEO_MC = 0.5               # probability that a geometry problem is multiple choice
+LETTERS = "ABCD"
+DIGITS = {  # 3x5 pixel font, rows top to bottom
+    "0": ("111", "101", "101", "101", "111"), "1": ("010", "110", "010", "010", "111"),
+    "2": ("111", "001", "111", "100", "111"), "3": ("111", "001", "111", "001", "111"),
+    "4": ("101", "101", "111", "001", "001"), "5": ("111", "100", "111", "001", "111"),
+    "6": ("111", "100", "111", "101", "111"), "7": ("111", "001", "001", "001", "001"),
+    "8": ("111", "101", "111", "101", "111"), "9": ("111", "101", "111", "001", "111"),
+}
+
+# -----------------------------------------------------------------------------
+# drawing helpers
+
+
+def text_size(text, scale):
+    return (4 * len(text) - 1) * scale, 5 * scale
+
+
+def draw_number(draw, cx, cy, value, scale=3, fill=BLACK):
+    """Draw the digits of `value` centred on (cx, cy), each font pixel a scale x scale square."""
+    text = str(value)
+    w, h = text_size(text, scale)
+    x0, y0 = cx - w // 2, cy - h // 2
+    for k, ch in enumerate(text):
+        for r, row in enumerate(DIGITS[ch]):
+            for c, bit in enumerate(row):
+                if bit == "1":
+                    x, y = x0 + (4 * k + c) * scale, y0 + r * scale
+                    draw.rectangle([x, y, x + scale - 1, y + scale - 1], fill=fill)
+
+
+def draw_shape(draw, kind, cx, cy, size, fill):
+    r = size // 2
+    box = [cx - r, cy - r, cx + r, cy + r]
+    if kind == "circle":
+        draw.ellipse(box, fill=fill)
+    elif kind == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
+
+
+def canvas():
+    img = Image.new("RGB", (BASE, BASE), WHITE)
+    return img, ImageDraw.Draw(img)
+
+
+def plus_steps(xs):
+    """[3, 5, 2] -> '3+5=8 8+2=10.' (one addition per step)."""
+    steps, total = [], xs[0]
+    for x in xs[1:]:
+        steps.append(f"{total}+{x}={total + x}")
+        total += x
+    return " ".join(steps) + "."
+
+
+def trace(think, summary, answer):
+    return f"<think>{think}</think> {summary} <answer>{answer}</answer>"
+
+# -----------------------------------------------------------------------------
+# count: shapes on a 4x4 grid of 28-pixel cells (one shape per merged token), like CLEVR
+
+
+def make_count(p, rng):
+    n = rng.randint(*p["count_n"])
+    cells = rng.sample(range(16), n)
+    shapes = [dict(color=rng.choice(COUNT_COLORS), kind=rng.choice(KINDS),
+                   x=28 * (c % 4) + 14 + rng.randint(-2, 2), y=28 * (c // 4) + 14 + rng.randint(-2, 2),
+                   size=rng.randint(18, 22)) for c in cells]
+    scene = {"shapes": shapes}
+    attr = rng.choice(["color", "kind"])
+    # mostly ask about something present; sometimes about anything (the answer may be 0)
+    names = COUNT_COLORS if attr == "color" else KINDS
+    value = rng.choice(shapes)[attr] if rng.random() < 0.8 else rng.choice(names)
+    return scene, f"{attr}={value}"
+
+
+def draw_count(scene):
+    img, d = canvas()
+    for s in scene["shapes"]:
+        draw_shape(d, s["kind"], s["x"], s["y"], s["size"], COLORS[s["color"]])
+    return img
+
+
+def text_count(scene, kind, ans, choices=None):
+    attr, value = kind.split("=")
+    names = COUNT_COLORS if attr == "color" else KINDS
+    seen = " ".join(f"{v} {sum(s[attr] == v for s in scene['shapes'])}" for v in names)
+    question = f"How many {value} shapes?" if attr == "color" else f"How many {value}s?"
+    return question, trace(f"{seen}. {value} is {ans}.", f"The {value} count is {ans}.", ans)
+
+# -----------------------------------------------------------------------------
+# bars: a bar chart with a gridline per unit, values read off the height, like FigureQA
+
+
+def make_bars(p, rng):
+    colors = rng.sample(list(COLORS), p["bars_n"])
+    while True:  # unique tallest and shortest, so the multiple-choice answers are well defined
+        values = [rng.randint(1, p["bars_max"]) for _ in colors]
+        if values.count(max(values)) == 1 and values.count(min(values)) == 1:
+            break
+    scene = {"bars": [dict(color=c, value=v) for c, v in zip(colors, values)], "max": p["bars_max"]}
+    kind = rng.choice(["tallest", "shortest", "value=" + rng.choice(colors)])
+    return scene, kind
+
+
+def draw_bars(scene):
+    img, d = canvas()
+    left, right, base, top = 6, BASE - 4, BASE - 6, 6
+    unit = (base - top) // scene["max"]
+    for v in range(1, scene["max"] + 1):
+        d.line([left, base - v * unit, right, base - v * unit], fill=GRID, width=1)
+    slot = (right - left) // len(scene["bars"])
+    for i, b in enumerate(scene["bars"]):
+        x0 = left + i * slot + 4
+        d.rectangle([x0, base - b["value"] * unit, x0 + slot - 8, base], fill=COLORS[b["color"]])
+    d.line([left, base, right, base], fill=BLACK, width=2)
+    d.line([left, top, left, base], fill=BLACK, width=2)
+    return img
+
+
+def text_bars(scene, kind, ans, choices=None):
+    bars = scene["bars"]
+    if kind.startswith("value="):
+        color = kind.split("=")[1]
+        seen = " ".join(f"{b['color']} {b['value']}" for b in bars)
+        return (f"What is the value of the {color} bar?",
+                trace(f"{seen}. {color} is {ans}.", f"The {color} bar is {ans}.", ans))
+    seen = " ".join(f"{L} {b['color']} {b['value']}" for L, b in zip(LETTERS, bars))
+    pick = max if kind == "tallest" else min
+    i = bars.index(pick(bars, key=lambda b: b["value"]))
+    think = f"{seen}. {pick.__name__} {bars[i]['value']} is {LETTERS[i]}."
+    return f"Which bar is the {kind}?", trace(think, f"The {kind} is {ans}.", LETTERS[i])
+
+# -----------------------------------------------------------------------------
+# table: a grid of big digits, the sum of a row or column or the largest in a row, like TabMWP
+
+
+def make_table(p, rng):
+    rows, cols = p["table_rows"], p["table_cols"]
+    scene = {"cells": [[rng.randint(1, 9) for _ in range(cols)] for _ in range(rows)]}
+    kind = rng.choice([f"col_sum={rng.randint(1, cols)}", f"row_sum={rng.randint(1, rows)}",
+                       f"row_max={rng.randint(1, rows)}"])
+    return scene, kind
+
+
+def draw_table(scene):
+    img, d = canvas()
+    cells = scene["cells"]
+    rows, cols, m = len(cells), len(cells[0]), 6
+    ch, cw = (BASE - 2 * m) // rows, (BASE - 2 * m) // cols
+    for r in range(rows + 1):
+        d.line([m, m + r * ch, m + cols * cw, m + r * ch], fill=BLACK, width=2)
+    for c in range(cols + 1):
+        d.line([m + c * cw, m, m + c * cw, m + rows * ch], fill=BLACK, width=2)
+    for r, row in enumerate(cells):
+        for c, v in enumerate(row):
+            draw_number(d, m + c * cw + cw // 2, m + r * ch + ch // 2, v, scale=4)
+    return img
+
+
+def table_line(cells, kind):
+    """'col_sum=2' -> ('column', '2', 'sum', [the column's numbers])."""
+    op, k = kind.split("=")
+    line, agg = op.split("_")
+    xs = [row[int(k) - 1] for row in cells] if line == "col" else cells[int(k) - 1]
+    return ("column" if line == "col" else "row"), k, agg, xs
+
+
+def text_table(scene, kind, ans, choices=None):
+    name, k, agg, xs = table_line(scene["cells"], kind)
+    seen = f"{name} {k}: {' '.join(map(str, xs))}."
+    if agg == "max":
+        return (f"What is the largest in {name} {k}?",
+                trace(f"{seen} max is {ans}.", f"The largest is {ans}.", ans))
+    return f"What is the sum of {name} {k}?", trace(f"{seen} {plus_steps(xs)}", f"The sum is {ans}.", ans)
+
+# -----------------------------------------------------------------------------
+# geometry: a labelled rectangle or right triangle, area / perimeter, like Geometry3K
+
+
+def make_geometry(p, rng):
+    shape = rng.choice(["rect", "tri"])
+    while True:
+        a, b = rng.randint(*p["side"]), rng.randint(*p["side"])
+        if shape == "rect" or a * b % 2 == 0:  # triangle areas stay whole numbers
+            break
+    scene = {"shape": shape, "a": a, "b": b, "dx": rng.randint(-4, 4), "dy": rng.randint(-4, 4)}
+    kind = rng.choice(["area", "perimeter"]) if shape == "rect" else "area"
+    return scene, kind
+
+
+def draw_geometry(scene):
+    img, d = canvas()
+    w, h = 30 + 5 * scene["a"], 24 + 5 * scene["b"]  # drawn roughly to scale, side <= 9 fits
+    x0, y1 = 26 + scene["dx"], 82 + scene["dy"]
+    x1, y0 = x0 + w, y1 - h
+    if scene["shape"] == "rect":
+        d.rectangle([x0, y0, x1, y1], fill=FILL, outline=BLACK, width=3)
+    else:
+        d.polygon([(x0, y0), (x0, y1), (x1, y1)], fill=FILL, outline=BLACK, width=3)
+        d.rectangle([x0, y1 - 8, x0 + 8, y1], outline=BLACK, width=2)  # right-angle mark
+    draw_number(d, (x0 + x1) // 2, y1 + 14, scene["a"], scale=3)
+    draw_number(d, x0 - 12, (y0 + y1) // 2, scene["b"], scale=3)
+    return img
+
+
+def geo_choices(ans, scene, rng):
+    """Four numeric options: the answer and three plausible mistakes, shuffled."""
+    a, b, v = scene["a"], scene["b"], int(ans)
+    pool = [a * b, 2 * (a + b), a + b, a * b // 2, v + 1, v - 1, v + 2, v + 3]
+    wrong = sorted({x for x in pool if x > 0 and x != v})
+    opts = [str(x) for x in rng.sample(wrong, 3) + [v]]
+    rng.shuffle(opts)
+    return opts
+
+
+def text_geometry(scene, kind, ans, choices=None):
+    a, b = scene["a"], scene["b"]
+    name = "rectangle" if scene["shape"] == "rect" else "triangle"
+    if scene["shape"] == "tri":
+        think = f"legs {a} {b}. {a}*{b}={a * b} {a * b}/2={ans}."
+    elif kind == "area":
+        think = f"w {a} h {b}. {a}*{b}={ans}."
+    else:
+        think = f"w {a} h {b}. {a}+{b}={a + b} 2*{a + b}={ans}."
+    final = ans
+    if choices:
+        final = LETTERS[choices.index(ans)]
+        think += f" {ans} is {final}."
+    return f"What is the {kind} of the {name}?", trace(think, f"The {kind} is {ans}.", final)
+
+# -----------------------------------------------------------------------------
+# answers from the scene alone, and the problem maker
+
+
+def answer_from_scene(family, scene, question_kind):
+    """The answer as a value (a number, or a colour for tallest/shortest), from the scene alone.
+    For multiple choice the record's `answer` is the letter of this value in `choices`."""
+    k = question_kind
+    if family == "count":
+        attr, value = k.split("=")
+        return str(sum(s[attr] == value for s in scene["shapes"]))
+    if family == "bars":
+        bars = scene["bars"]
+        if k.startswith("value="):
+            return str(next(b["value"] for b in bars if b["color"] == k.split("=")[1]))
+        pick = max if k == "tallest" else min
+        return pick(bars, key=lambda b: b["value"])["color"]
+    if family == "table":
+        _, _, agg, xs = table_line(scene["cells"], k)
+        return str(sum(xs) if agg == "sum" else max(xs))
+    if family == "geometry":
+        a, b = scene["a"], scene["b"]
+        if scene["shape"] == "tri":
+            return str(a * b // 2)
+        return str(a * b if k == "area" else 2 * (a + b))
+    raise ValueError(f"unknown family {family!r}")
+
+
+MAKERS = {"count": (make_count, draw_count, text_count), "bars": (make_bars, draw_bars, text_bars),
+          "table": (make_table, draw_table, text_table),
+          "geometry": (make_geometry, draw_geometry, text_geometry)}
+
+
+def make_problem(family, level, rng, image_size=IMAGE_SIZE):
+    """One problem: dict with family, level, kind, scene, question, answer, [choices], solution,
+    and image (a PIL RGB image of image_size x image_size)."""
+    make, draw, text = MAKERS[family]
+    scene, kind = make(LEVELS[level], rng)
+    value = answer_from_scene(family, scene, kind)
+    choices = None
+    if family == "bars" and kind in ("tallest", "shortest"):
+        choices = [b["color"] for b in scene["bars"]]  # options are the bars, left to right
+    elif family == "geometry" and rng.random() < GEO_MC:
+        choices = geo_choices(value, scene, rng)
+    question, solution = text(scene, kind, value, choices)
+    img = draw(scene)
+    if image_size != BASE:
+        img = img.resize((image_size, image_size), Image.NEAREST)
+    prob = dict(family=family, level=level, kind=kind, scene=scene, question=question,
+                answer=LETTERS[choices.index(value)] if choices else value, solution=solution, image=img)
+    if choices:
+        prob["choices"] = choices
+    return prob
+
+
+def make_split(n, level, seed, families=None, split="train", image_size=IMAGE_SIZE):
+    """n problems in memory. Families go round-robin; level 'mix' alternates easy/hard per round,
+    so every family gets both levels. Problem i uses random.Random(f'{split}:{seed}:{i}')."""
+    families = list(families or FAMILIES)
+    probs = []
+    for i in range(n):
+        fam = families[i % len(families)]
+        lvl = level if level != "mix" else ("easy", "hard")[(i // len(families)) % 2]
+        p = make_problem(fam, lvl, random.Random(f"{split}:{seed}:{i}"), image_size)
+        p["id"] = f"{split}{seed}_{i:05d}"
+        probs.append(p)
+    return probs
+
+# -----------------------------------------------------------------------------
+# the writer
+
+
+def write_split(out_dir, n, level, seed, families=None, image_size=IMAGE_SIZE, split="train"):
+    """Write out_dir/images/{id}.png and out_dir/data.jsonl; return the records."""
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    records = []
+    for p in make_split(n, level, seed, families, split, image_size):
+        rel = f"images/{p['id']}.png"
+        p.pop("image").save(os.path.join(out_dir, rel), format="PNG", compress_level=6)
+        rec = {"id": p["id"], "image": rel, "question": p["question"], "answer": p["answer"]}
+        if "choices" in p:
+            rec["choices"] = p["choices"]
+        rec.update({k: p[k] for k in ("solution", "family", "level", "kind", "scene")})
+        records.append(rec)
+    with open(os.path.join(out_dir, "data.jsonl"), "w", encoding="utf-8", newline="\n") as f:
+        for rec in records:
+            f.write(json.dumps(rec, sort_keys=False) + "\n")
+    return records
+
+
+def write_test_split(out_dir, n=400, image_size=IMAGE_SIZE):
+    """The fixed held-out test split: seed TEST_SEED in the 'test' stream, easy and hard mixed."""
+    return write_split(out_dir, n, "mix", TEST_SEED, None, image_size, split="test")
+
+
+def synth_main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "synth":
+        argv = argv[1:]
+    ap = argparse.ArgumentParser(prog="synth", description="write a synthetic visual-reasoning split")
+    ap.add_argument("--out", required=True, help="output directory (gets images/ and data.jsonl)")
+    ap.add_argument("--n", type=int, default=1000, help="number of problems")
+    ap.add_argument("--level", default="easy", choices=["easy", "hard", "mix"], help="difficulty level")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the train stream")
+    ap.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="image side in pixels")
+    ap.add_argument("--families", default=",".join(FAMILIES), help="comma-separated families to use")
+    ap.add_argument("--test", action="store_true", help="write the fixed held-out test split instead "
+                    f"(seed {TEST_SEED}, level mix; ignores --level and --seed)")
+    args = ap.parse_args(argv)
+    families = [f for f in args.families.split(",") if f]
+    bad = [f for f in families if f not in FAMILIES]
+    if bad:
+        ap.error(f"unknown families {bad}; choose from {list(FAMILIES)}")
+    t0 = time.time()
+    if args.test:
+        recs = write_split(args.out, args.n, "mix", TEST_SEED, families, args.image_size, split="test")
+    else:
+        recs = write_split(args.out, args.n, args.level, args.seed, families, args.image_size)
+    print(f"wrote {len(recs)} problems to {args.out}/data.jsonl in {time.time() - t0:.1f}s")
+
+# -----------------------------------------------------------------------------
+# the tiny model: a random Qwen2.5-VL-shaped checkpoint directory, written exactly like a real one
+# (config.json + model.safetensors + tokenizer files), so every script loads every model the same way
+
+TINY = dict(  # ~1.4M parameters; the embedded demo trains it from scratch on a CPU
+    hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, mrope_section=[4, 6, 6],  # head_dim 32 -> 16 rotary freqs
+    vision_depth=3, vision_hidden_size=96, vision_intermediate_size=256, vision_heads=3,
+    fullatt_block_indexes=[2],
+)
+
+
+def tiny_config(tokenizer, **overrides):
+    """A model.Config sized by TINY (or overrides), with the tokenizer's special token ids."""
+    import model as M
+    s = {**TINY, **overrides}
+    ids = special_ids(tokenizer)
+    vision = M.VisionConfig(
+        depth=s["vision_depth"], hidden_size=s["vision_hidden_size"],
+        intermediate_size=s["vision_intermediate_size"], num_heads=s["vision_heads"],
+        out_hidden_size=s["hidden_size"], fullatt_block_indexes=list(s["fullatt_block_indexes"]))
+    return M.Config(
+        vocab_size=len(tokenizer), hidden_size=s["hidden_size"],
+        intermediate_size=s["intermediate_size"], num_hidden_layers=s["num_hidden_layers"],
+        num_attention_heads=s["num_attention_heads"], num_key_value_heads=s["num_key_value_heads"],
+        rope_theta=10000.0, mrope_section=list(s["mrope_section"]), tie_word_embeddings=True,
+        max_position_embeddings=4096, bos_token_id=ids["endoftext"], eos_token_id=ids["im_end"],
+        image_token_id=ids["image_pad"], video_token_id=ids["video_pad"],
+        vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"],
+        vision=vision)
+
+
+def make_tiny_checkpoint(path, seed=0, **overrides):
+    """Write a random tiny model + the tiny tokenizer to `path`; returns (model, tokenizer)."""
+    import model as M
+    tok = save_tiny_tokenizer(path)
+    torch.manual_seed(seed)
+    m = M.Qwen2_5_VL(tiny_config(tok, **overrides)).init_weights(seed=seed)
+    M.save_model(m, path)
+    return m, tok
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"synth": synth_main}
+    if not argv or argv[0] not in commands:
+        sys.exit(f"usage: python data.py {{{','.join(commands)}}} ... (python data.py synth --help)")
+    commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()

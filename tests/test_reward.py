@@ -1,0 +1,258 @@
+"""Tests for reward.py: a table of (prediction or completion, truth, choices, reward) cases,
+plus extraction, format, safety (model output never runs), speed and import hygiene."""
+import ast
+import builtins
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+import reward
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+C4 = ['3 cm', '4 cm', '5 cm', '6 cm']
+YN = ['Yes', 'No']
+PI = ['3.14', '3.1416', '2.72']
+WORDS = ['red cube', 'blue sphere', 'green cylinder']
+
+# (prediction, or a whole completion if it has <answer>/<think>/\boxed, truth, choices, reward)
+CASES = [
+    # plain numbers, signs, trailing zeros
+    ('42', '42', None, 1), ('42.0', '42', None, 1), ('42.000', '42', None, 1),
+    ('+42', '42', None, 1), ('-42', '42', None, 0), ('-3.5', '-3.5', None, 1),
+    ('\u22123.5', '-3.5', None, 1), ('- 3.5', '-3.5', None, 1), ('0.50', '0.5', None, 1),
+    ('.5', '0.5', None, 1), ('0', '0', None, 1), ('0.0', '0', None, 1), ('-0', '0', None, 1),
+    ('0.001', '0', None, 0), ('5.', '5', None, 1), (' 7 ', '7', None, 1),
+    # thousands separators
+    ('1,000', '1000', None, 1), ('1000', '1,000', None, 1), ('1 000 000', '1000000', None, 1),
+    ('12,345.67', '12345.67', None, 1), ('1\\,000', '1000', None, 1), ('1,5', '1.5', None, 0),
+    # scientific notation
+    ('1.5e3', '1500', None, 1), ('1500', '1.5e3', None, 1), ('3E-2', '0.03', None, 1),
+    ('1.5 \\times 10^3', '1500', None, 1), ('1.5 \\times 10^{3}', '1500', None, 1),
+    ('1.5\u00d710\u00b3', '1500', None, 1), ('1.5e4', '1500', None, 0),
+    # tolerance: relative 1e-6, or rounding to the truth's decimals
+    ('3.14159', '3.14', None, 1), ('3.136', '3.14', None, 1), ('3.1', '3.14', None, 0),
+    ('3.15', '3.14', None, 0), ('3.4', '3', None, 0), ('2.6', '3', None, 0),
+    ('2.9999999999', '3', None, 1), ('3.0001', '3', None, 0), ('3.04', '3.0', None, 1),
+    ('0.333', '0.33', None, 1), ('0.33', '\\frac{1}{3}', None, 0),
+    # wrong numbers that look alike
+    ('0.5', '0.05', None, 0), ('0.05', '0.5', None, 0), ('12', '120', None, 0),
+    ('120', '12', None, 0), ('21', '12', None, 0), ('1.2', '12', None, 0),
+    # units, currency, percent, degrees
+    ('12 cm', '12', None, 1), ('12cm', '12', None, 1), ('12 \\text{ cm}', '12', None, 1),
+    ('12 \\mathrm{cm}^2', '12', None, 1), ('12 cm^2', '12', None, 1), ('12 cm\u00b2', '12', None, 1),
+    ('5 m/s', '5', None, 1), ('5 m', '5', None, 1), ('7 square units', '7', None, 1),
+    ('$12.50', '12.5', None, 1), ('\\$12.50', '12.5', None, 1), ('12 dollars', '12', None, 1),
+    ('5 apples', '5', None, 1), ('13 cm', '12', None, 0),
+    ('50%', '50', None, 1), ('50\\%', '50', None, 1), ('50', '50%', None, 1), ('50 %', '50', None, 1),
+    ('45\u00b0', '45', None, 1), ('45^\\circ', '45', None, 1), ('45^{\\circ}', '45', None, 1),
+    ('45 degrees', '45', None, 1), ('45', '45\u00b0', None, 1), ('46\u00b0', '45', None, 0),
+    # a trailing letter that is a variable, not a unit
+    ('3x', '3', None, 0), ('3 x', '3', None, 0), ('12 or 3', '12', None, 0), ('2 pi', '2', None, 0),
+    # number words
+    ('five', '5', None, 1), ('Three', '3', None, 1), ('four', '5', None, 0),
+    # fractions and LaTeX
+    ('\\frac{1}{2}', '0.5', None, 1), ('\\dfrac{1}{2}', '1/2', None, 1),
+    ('\\tfrac{3}{4}', '0.75', None, 1), ('1/2', '\\frac{1}{2}', None, 1), ('\\frac12', '0.5', None, 1),
+    ('\\frac{1}{3}', '0.33', None, 1), ('\\frac{2}{3}', '\\frac{4}{6}', None, 1),
+    ('\\frac{1}{2}', '\\frac{1}{3}', None, 0), ('$\\frac{1}{2}$', '0.5', None, 1),
+    ('-\\frac{1}{2}', '-0.5', None, 1), ('\\frac{-1}{2}', '0.5', None, 0),
+    ('\\left( \\frac{1}{2} \\right)', '0.5', None, 1), ('\\text{5}', '5', None, 1),
+    ('\\(5\\)', '5', None, 1), ('\u00bd', '0.5', None, 1),
+    # roots, pi, powers
+    ('\\sqrt{2}', '1.41', None, 1), ('\\sqrt{2}', '1.414214', None, 1), ('\\sqrt{2}', '1.42', None, 0),
+    ('2\\sqrt{3}', '\\sqrt{12}', None, 1), ('\\sqrt{3}', '\\sqrt{2}', None, 0),
+    ('\u221a2', '\\sqrt{2}', None, 1), ('\\sqrt[3]{8}', '2', None, 1), ('\\sqrt{-4}', '2', None, 0),
+    ('\\pi', '3.14', None, 1), ('2\\pi', '6.28', None, 1), ('\u03c0/2', '\\frac{\\pi}{2}', None, 1),
+    ('\\frac{\\pi}{2}', '1.5708', None, 1), ('3\\pi', '\\pi', None, 0),
+    ('2^{10}', '1024', None, 1), ('2^10', '1024', None, 1), ('-2^2', '-4', None, 1),
+    ('(2+3)*4', '20', None, 1), ('2(3)', '6', None, 1), ('2 3', '6', None, 0),
+    # evaluator guards: huge exponents, division by zero, complex roots, depth
+    ('10^10^10', '5', None, 0), ('9^9^9^9', '1', None, 0), ('1/0', '0', None, 0),
+    ('(-8)^(1/3)', '-2', None, 0), ('(' * 150 + '1' + ')' * 150, '1', None, 0),
+    ('1e999', '1', None, 0),
+    # text: case, spacing, trailing punctuation, wrappers
+    ('Yes', 'yes', None, 1), ('yes.', 'Yes', None, 1), ('YES', 'yes', None, 1), ('Yes!', 'yes', None, 1),
+    ('no', 'yes', None, 0), ('yes', 'no', None, 0), ('Yes, because', 'yes', None, 0),
+    ('  New   York ', 'new york', None, 1), ('new york.', 'New York', None, 1),
+    ('Paris', 'London', None, 0), ('red', 'Red', None, 1), ('\\text{red}', 'red', None, 1),
+    ('**red**', 'red', None, 1), ('"red"', 'red', None, 1), ('`red`', 'red', None, 1),
+    ('x + 1', 'x+1', None, 1), ('x+2', 'x+1', None, 0), ('', 'red', None, 0),
+    # answer phrases and assignments
+    ('The answer is red', 'red', None, 1), ('Answer: 7', '7', None, 1),
+    ('**Final answer:** 7', '7', None, 1), ('x = 5', '5', None, 1), ('AB = 12', '12', None, 1),
+    ('y = 2x + 1', 'y=2x+1', None, 1), ('x \\geq 5', '5', None, 0),
+    # multiple choice: letter forms, option text, truth as letter or as text
+    ('C', 'C', C4, 1), ('(C)', 'C', C4, 1), ('C.', 'C', C4, 1), ('C)', 'C', C4, 1),
+    ('[C]', 'C', C4, 1), ('Option C', 'C', C4, 1), ('option (c)', 'C', C4, 1), ('c', 'C', C4, 1),
+    ('The answer is C', 'C', C4, 1), ('The correct option is (C).', 'C', C4, 1),
+    ('**C**', 'C', C4, 1), ('5 cm', 'C', C4, 1), ('5', 'C', C4, 1), ('5 cm', '5 cm', C4, 1),
+    ('C', '5 cm', C4, 1), ('(C) 5 cm', 'C', C4, 1), ('C. 5 cm', '5 cm', C4, 1),
+    ('B', 'C', C4, 0), ('(B)', 'C', C4, 0), ('4 cm', 'C', C4, 0), ('4 cm', '5 cm', C4, 0),
+    ('E', 'C', C4, 0), ('7 cm', 'C', C4, 0), ('B', '(C)', C4, 0),
+    ('No', 'B', YN, 1), ('no.', 'No', YN, 1), ('A', 'No', YN, 0), ('Yes', 'B', YN, 0),
+    ('3.1416', 'B', PI, 1), ('3.14', 'A', PI, 1), ('3.14159', 'B', PI, 1), ('2.72', 'B', PI, 0),
+    ('Blue Sphere', 'B', WORDS, 1), ('blue sphere.', 'blue sphere', WORDS, 1),
+    ('red cube', 'B', WORDS, 0),
+    # letters without choices
+    ('B', '(C)', None, 0), ('(B)', 'B', None, 1), ('B.', 'B', None, 1), ('Option B', 'B', None, 1),
+    ('The answer is B', 'B', None, 1), ('b', 'B', None, 1), ('A cat', 'A', None, 0),
+    # tuples, lists, intervals
+    ('(1, 2)', '(1.0,2)', None, 1), ('(1,2)', '(2,1)', None, 0), ('[0, 1)', '[0, 1]', None, 0),
+    ('[0, 1]', '[0,1]', None, 1), ('(0, 1]', '(0, 1]', None, 1), ('(1, 2)', '[1, 2]', None, 0),
+    ('1, 2, 3', '1,2,3', None, 1), ('1, 2, 3', '(1, 2, 3)', None, 1),
+    ('[1, 2, 3]', '(1, 2, 3)', None, 1), ('1, 2', '1, 2, 3', None, 0),
+    ('(\\frac{1}{2}, 3)', '(0.5, 3)', None, 1), ('(-\\infty, 2]', '(-\u221e, 2]', None, 1),
+    ('x = 1, y = 2', '(1, 2)', None, 1), ('(3, 4)', '3, 4', None, 1),
+    ('\\{1, 2\\}', '{1, 2}', None, 1), ('(1, 2)', '1', None, 0), ('((1,2),3)', '((1,2.0),3)', None, 1),
+    # completions: extraction then matching
+    ('<think>a</think><answer>42</answer>', '42', None, 1),
+    ('<think>a</think> so <answer>\n  42\n</answer>', '42', None, 1),
+    ('<answer>41</answer> wait <answer>42</answer>', '42', None, 1),
+    ('<answer>42</answer> wait <answer>41</answer>', '42', None, 0),
+    ('<answer>\\boxed{7}</answer>', '7', None, 1),
+    ('The result is \\boxed{\\frac{1}{2}}.', '0.5', None, 1),
+    ('\\boxed{1} no, \\boxed{2}', '2', None, 1), ('\\boxed{{3}}', '3', None, 1),
+    ('\\boxed{\\sqrt{\\frac{1}{4}}}', '0.5', None, 1), ('so \\boxed 5.', '5', None, 1),
+    ('<think>hmm</think> so the answer is 42.', '42', None, 1),
+    ('<think>hmm</think> So the answer is B.', 'B', None, 1),
+    ('<think>blah 42</think>', '42', None, 0), ('<answer>42', '42', None, 0),
+    ('<think>x</think> \\boxed{4', '4', None, 0), ('<answer></answer>', '0', None, 0),
+    # adversarial: code, NUL bytes, unicode digits, unbalanced braces
+    ("\\boxed{__import__('os').system('touch PWNED')}", '0', None, 0),
+    ("<answer>eval('1+1')</answer>", '2', None, 0),
+    ('<answer>4\x002</answer>', '42', None, 1), ('<answer>\x00</answer>', '0', None, 0),
+    ('<answer>\uff14\uff12</answer>', '42', None, 1), ('<answer>\u0664\u0662</answer>', '42', None, 1),
+    ('<answer>\u096a\u0968</answer>', '42', None, 1), ('<answer>\u0663\u066b\u0661\u0664</answer>', '3.14', None, 1),
+    ('<answer>}}{{</answer>', '1', None, 0), ('\\boxed{\\frac{1}{', '0.5', None, 0),
+    ('\\boxed{}}}{{{', '1', None, 0), ('<answer>\\frac{1}{</answer>', '0.5', None, 0),
+]
+
+
+def _completion(text):
+    if any(tag in text for tag in ('<answer>', '<think>', '\\boxed')):
+        return text
+    return f'<think>work</think> done <answer>{text}</answer>'
+
+
+def test_case_count():
+    assert len(CASES) >= 140
+
+
+@pytest.mark.parametrize('text,truth,choices,expected', CASES)
+def test_accuracy_table(text, truth, choices, expected):
+    assert reward.accuracy_reward(_completion(text), truth, choices) == float(expected)
+    if _completion(text) != text:  # a bare prediction: the matcher alone agrees
+        assert reward.is_equiv(text, truth, choices) is bool(expected)
+
+
+@pytest.mark.parametrize('completion,expected', [
+    ('<answer>42</answer>', '42'),
+    ('<think>t</think>\n<answer>\nline 1\nline 2\n</answer>', 'line 1\nline 2'),
+    ('<answer>1</answer> <answer>2</answer>', '2'),
+    ('<answer>1</answer> <answer>2', '1'),  # the last complete pair
+    ('\\boxed{\\frac{1}{2}}', '\\frac{1}{2}'),
+    ('\\boxed{a} then \\boxed{b}', 'b'),
+    ('\\boxed{ {x} + {y} }', '{x} + {y}'),
+    ('\\boxed{\\{1, 2\\}}', '\\{1, 2\\}'),
+    ('<answer>\\boxed{7}</answer>', '7'),
+    ('<answer>9</answer> \\boxed{7}', '9'),  # tags beat boxes
+    ('So the answer is 12 cm. Done.', '12 cm'),
+    ('Final Answer: (B)', '(B)'),
+    ('The answer is 3.14', '3.14'),
+    ('\\boxed{unclosed', None), ('no answer here', None), ('', None), (None, None),
+    ('\x00\x00', None), ('{{{{', None),
+])
+def test_extract_answer(completion, expected):
+    assert reward.extract_answer(completion) == expected
+
+
+@pytest.mark.parametrize('completion,expected', [
+    ('<think>a</think> b <answer>c</answer>', 1.0),
+    ('  \n<think>\nlong\n</think>\n<answer>42</answer>\n ', 1.0),
+    ('<think></think><answer>42</answer>', 1.0),
+    ('<think>a</think><answer>42</answer><|im_end|>', 1.0),
+    ('<answer>42</answer>', 0.0),
+    ('<think>a</think>', 0.0),
+    ('<think>a</think><answer></answer>', 0.0),
+    ('<think>a</think><answer>42</answer> trailing', 0.0),
+    ('lead <think>a</think><answer>42</answer>', 0.0),
+    ('<think>a</think><answer>1</answer><answer>2</answer>', 0.0),
+    ('<think>a<think>b</think><answer>42</answer>', 0.0),
+    ('<think>a <answer>42</answer></think>', 0.0),
+    ('<think>a</think><answer>42', 0.0),
+    ('', 0.0),
+])
+def test_format_reward(completion, expected):
+    assert reward.format_reward(completion) == expected
+
+
+def test_code_in_completion_never_runs(tmp_path, monkeypatch):
+    target = tmp_path / 'PWNED'
+    code = f"__import__('os').system('touch {target}')"
+    called = []
+    for name in ('eval', 'exec', 'compile'):  # not __import__: re itself imports lazily
+        real = getattr(builtins, name)
+        monkeypatch.setattr(builtins, name, lambda *a, _r=real, **k: called.append(a) or _r(*a, **k))
+    for completion in (f'\\boxed{{{code}}}', f'<answer>{code}</answer>',
+                       f"<answer>open(r'{target}', 'w').write('x')</answer>",
+                       f'The answer is {code}'):
+        for truth in ('0', 'B', '(1, 2)'):
+            assert reward.accuracy_reward(completion, truth) == 0.0
+            assert reward.accuracy_reward(completion, truth, C4) == 0.0
+    monkeypatch.undo()
+    assert not target.exists()
+    assert called == []
+
+
+def test_source_has_no_eval():
+    src = open(os.path.join(ROOT, 'reward.py')).read()
+    for bad in ('eval(', 'exec(', 'sympify', 'parse_expr', 'literal_eval', '__import__'):
+        assert bad not in src.replace('_eval', '')
+
+
+def test_stdlib_only():
+    tree = ast.parse(open(os.path.join(ROOT, 'reward.py')).read())
+    names = {a.name.split('.')[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module.split('.')[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert names <= {'math', 're', 'unicodedata', '__future__'}
+    code = "import reward, sys; assert not {'torch', 'numpy', 'sympy'} & set(sys.modules)"
+    subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True)
+
+
+MB = 1 << 20
+
+
+@pytest.mark.parametrize('completion,truth', [
+    ('x' * MB + '<answer>42</answer>', '42'),
+    ('<think>' + 'a' * MB + '</think><answer>42</answer>', '42'),
+    ('<answer>' * (MB // 8), '42'),
+    ('\\boxed{' * (MB // 7), '42'),
+    ('{' * MB, '42'),
+    ('(' * MB, '42'),
+    ('<answer>' + '1' * MB + '</answer>', '42'),
+    ('<answer>' + '(' * MB + '</answer>', '42'),
+    ('\\boxed{' + '{' * MB + '}', '42'),
+    ('<answer>' + 'the answer is ' * (MB // 14) + '</answer>', '42'),
+    ('answer is ' * (MB // 10), '42'),
+    ('\x00' * MB, '42'),
+    ('\uff14' * MB, '42'),
+])
+def test_one_megabyte_is_fast(completion, truth):
+    t0 = time.perf_counter()
+    reward.accuracy_reward(completion, truth)
+    reward.accuracy_reward(completion, truth, C4)
+    reward.format_reward(completion)
+    assert time.perf_counter() - t0 < 0.5
+
+
+def test_long_inputs_and_odd_types():
+    assert reward.is_equiv('1' * 10000, '1') is False
+    assert reward.is_equiv(None, '1') is False
+    assert reward.is_equiv(42, 42) is True
+    assert reward.is_equiv('2', 2.0) is True
+    assert reward.is_equiv('B', 'B', ['1', 2, 3.5]) is True
+    assert reward.is_equiv('3.5', 'C', ['1', 2, 3.5]) is True
+    assert reward.accuracy_reward('<answer>' + '9' * 400 + '</answer>', '1') == 0.0

@@ -1,0 +1,176 @@
+"""Tests of the synthetic visual-reasoning world (data.py synth)."""
+import hashlib
+import json
+import os
+import random
+import re
+
+import pytest
+
+import data as S
+
+TRACE = re.compile(r"^<think>([^<>]+)</think> ([^<>]+) <answer>([^<>]+)</answer>$")
+
+
+def read_dir(d):
+    """{relative path: bytes} of every file under d."""
+    out = {}
+    for root, _, files in os.walk(d):
+        for f in files:
+            p = os.path.join(root, f)
+            out[os.path.relpath(p, d)] = open(p, "rb").read()
+    return out
+
+
+def load(d):
+    with open(os.path.join(d, "data.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def expected(rec):
+    """The record's answer recomputed from the scene alone (a letter for multiple choice)."""
+    value = S.answer_from_scene(rec["family"], rec["scene"], rec["kind"])
+    return "ABCD"[rec["choices"].index(value)] if "choices" in rec else value
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mix")
+    return d, S.write_split(str(d), 120, "mix", 0)
+
+
+def test_same_seed_byte_identical(tmp_path):
+    S.write_split(str(tmp_path / "a"), 24, "mix", 3)
+    S.write_split(str(tmp_path / "b"), 24, "mix", 3)
+    a, b = read_dir(tmp_path / "a"), read_dir(tmp_path / "b")
+    assert len(a) == 25 and a == b
+
+
+def test_different_seeds_differ(tmp_path):
+    S.write_split(str(tmp_path / "a"), 16, "easy", 0)
+    S.write_split(str(tmp_path / "b"), 16, "easy", 1)
+    ra, rb = load(tmp_path / "a"), load(tmp_path / "b")
+    assert [r["scene"] for r in ra] != [r["scene"] for r in rb]
+    pa = {r["image"]: open(tmp_path / "a" / r["image"], "rb").read() for r in ra}
+    pb = {r["image"]: open(tmp_path / "b" / r["image"], "rb").read() for r in rb}
+    assert not set(pa.values()) & set(pb.values())
+
+
+def test_records_and_images(mixed):
+    d, recs = mixed
+    assert load(d) == recs
+    assert {r["family"] for r in recs} == set(S.FAMILIES)
+    assert {(r["family"], r["level"]) for r in recs} == {(f, l) for f in S.FAMILIES for l in S.LEVELS}
+    from PIL import Image
+    for r in recs[:8]:
+        im = Image.open(os.path.join(d, r["image"]))
+        assert im.mode == "RGB" and im.size == (S.IMAGE_SIZE, S.IMAGE_SIZE)
+    for r in recs:
+        assert set(r) >= {"id", "image", "question", "answer", "solution", "family", "level", "scene"}
+        json.dumps(r["scene"])  # the scene is plain JSON
+        assert len(r["question"]) < 60
+
+
+def test_answers_match_scene(mixed):
+    _, recs = mixed
+    kinds = set()
+    for r in recs:
+        assert r["answer"] == expected(r), r
+        kinds.add((r["family"], r["kind"].split("=")[0]))
+        if "choices" in r:
+            assert 2 <= len(r["choices"]) <= 4 and len(set(r["choices"])) == len(r["choices"])
+    # every question kind of every family shows up
+    assert kinds >= {("count", "color"), ("count", "kind"), ("bars", "tallest"), ("bars", "shortest"),
+                     ("bars", "value"), ("table", "col_sum"), ("table", "row_sum"), ("table", "row_max"),
+                     ("geometry", "area"), ("geometry", "perimeter")}
+    assert any("choices" in r for r in recs) and any("choices" not in r for r in recs)
+
+
+def test_answer_from_scene_by_hand():
+    shapes = [dict(color="red", kind="circle"), dict(color="red", kind="square"),
+              dict(color="blue", kind="circle")]
+    assert S.answer_from_scene("count", {"shapes": shapes}, "color=red") == "2"
+    assert S.answer_from_scene("count", {"shapes": shapes}, "kind=circle") == "2"
+    assert S.answer_from_scene("count", {"shapes": shapes}, "color=green") == "0"
+    bars = {"bars": [dict(color="red", value=3), dict(color="green", value=5), dict(color="blue", value=1)]}
+    assert S.answer_from_scene("bars", bars, "tallest") == "green"
+    assert S.answer_from_scene("bars", bars, "shortest") == "blue"
+    assert S.answer_from_scene("bars", bars, "value=red") == "3"
+    table = {"cells": [[1, 2, 3], [4, 5, 6]]}
+    assert S.answer_from_scene("table", table, "col_sum=2") == "7"
+    assert S.answer_from_scene("table", table, "row_sum=2") == "15"
+    assert S.answer_from_scene("table", table, "row_max=1") == "3"
+    assert S.answer_from_scene("table", table, "row_max=2") == "6"
+    assert S.answer_from_scene("geometry", {"shape": "rect", "a": 4, "b": 3}, "area") == "12"
+    assert S.answer_from_scene("geometry", {"shape": "rect", "a": 4, "b": 3}, "perimeter") == "14"
+    assert S.answer_from_scene("geometry", {"shape": "tri", "a": 4, "b": 3}, "area") == "6"
+
+
+def test_trace_shape(mixed):
+    _, recs = mixed
+    for r in recs:
+        m = TRACE.match(r["solution"])
+        assert m, r["solution"]
+        assert m.group(3) == r["answer"]
+        assert 40 <= len(r["solution"]) <= 120, r["solution"]
+
+
+def test_traces_score_full_reward(mixed):
+    reward = pytest.importorskip("reward")
+    if not (hasattr(reward, "accuracy_reward") and hasattr(reward, "format_reward")):
+        pytest.skip("reward.py has no accuracy_reward/format_reward yet")
+    _, recs = mixed
+    for r in recs:
+        assert reward.accuracy_reward(r["solution"], r["answer"]) == 1.0, r
+        assert reward.format_reward(r["solution"]) == 1.0, r
+
+
+def test_levels_differ_in_difficulty():
+    easy, hard = S.LEVELS["easy"], S.LEVELS["hard"]
+    assert easy["count_n"][1] < hard["count_n"][0]
+    assert easy["bars_n"] < hard["bars_n"] and easy["bars_max"] < hard["bars_max"]
+    assert easy["table_rows"] * easy["table_cols"] < hard["table_rows"] * hard["table_cols"]
+    assert easy["side"][1] < hard["side"][1]
+    rng = random.Random(0)
+    for level, p in S.LEVELS.items():
+        for _ in range(20):
+            s = S.make_problem("count", level, rng)["scene"]
+            assert p["count_n"][0] <= len(s["shapes"]) <= p["count_n"][1]
+            s = S.make_problem("bars", level, rng)["scene"]
+            assert len(s["bars"]) == p["bars_n"] and max(b["value"] for b in s["bars"]) <= p["bars_max"]
+            s = S.make_problem("table", level, rng)["scene"]
+            assert (len(s["cells"]), len(s["cells"][0])) == (p["table_rows"], p["table_cols"])
+            s = S.make_problem("geometry", level, rng)["scene"]
+            assert p["side"][0] <= min(s["a"], s["b"]) and max(s["a"], s["b"]) <= p["side"][1]
+
+
+def test_test_split_disjoint_from_train(tmp_path):
+    n = 80
+    test = S.write_test_split(str(tmp_path / "test"), n=n)
+    train = S.write_split(str(tmp_path / "train"), n, "mix", 0)
+    assert {r["level"] for r in test} == {"easy", "hard"}
+    assert not {r["id"] for r in test} & {r["id"] for r in train}
+
+    def keys(d, recs):
+        return {(r["question"], hashlib.sha256(open(os.path.join(d, r["image"]), "rb").read()).hexdigest())
+                for r in recs}
+    assert not keys(tmp_path / "test", test) & keys(tmp_path / "train", train)
+    # record i of the test split does not depend on n
+    assert S.write_test_split(str(tmp_path / "test2"), n=8) == test[:8]
+
+
+def test_image_size_and_families(tmp_path):
+    recs = S.write_split(str(tmp_path), 4, "hard", 5, families=["table"], image_size=224)
+    from PIL import Image
+    assert {r["family"] for r in recs} == {"table"}
+    assert Image.open(tmp_path / recs[0]["image"]).size == (224, 224)
+
+
+def test_cli(tmp_path):
+    S.synth_main(["synth", "--out", str(tmp_path), "--n", "6", "--level", "hard", "--seed", "2",
+                  "--families", "count,bars"])
+    recs = load(tmp_path)
+    assert len(recs) == 6 and {r["family"] for r in recs} == {"count", "bars"}
+    assert {r["level"] for r in recs} == {"hard"}
+    with pytest.raises(SystemExit):
+        S.synth_main(["--out", str(tmp_path), "--families", "nope"])
