@@ -18,7 +18,9 @@ import json
 import math
 import os
 import random
+import re
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -44,6 +46,10 @@ PATCH_DIM = 3 * TEMPORAL_PATCH_SIZE * PATCH_SIZE * PATCH_SIZE  # 1176
 IGNORE_INDEX = -100  # label of untrained positions
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
+# the paper's RL / eval prompt: appended after the question (no system prompt beyond the template's)
+R1_SUFFIX = ("You FIRST think about the reasoning process as an internal monologue and then provide "
+             "the final answer.")
+SUFFIXES = {"": "", "r1": R1_SUFFIX}  # --suffix names; any other value is used literally
 # Qwen's special tokens, in Qwen's order (ids 151643.. in the real vocab, 256.. in the tiny one)
 SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -301,6 +307,349 @@ def collate(items, pad_id, padding_side="right"):
     return batch
 
 # -----------------------------------------------------------------------------
+# dataset readers: every source becomes one record form (a plain dict)
+#
+#   id        str
+#   images    [absolute image paths], [] for text-only rows
+#   question  str, the text shown to the model
+#   choices_in_question  True when `question` already shows the options (MathVista's `query`;
+#             MathVerse, whose questions embed them): format_question then adds none
+#   answer    str (MathVista multiple choice: the option text; elsewhere: a letter "A".. or a value)
+#   choices   [option texts for A, B, ...] or None
+#   solution  a reasoning trace / worked solution, or None
+#   meta      everything else the source has (question_type, answer_type, precision, unit,
+#             family, level, subject, problem_version, the raw question, ...), for breakdowns
+#   source    "file:line" (JSON files: "file:[key]" or "file:[index]")
+#
+# Image paths are taken relative to the data file's directory; files are checked to exist but are
+# not opened (too slow for big sets). A bad row (malformed JSON, missing key, wrong type, missing
+# image) raises ValueError("file:line: problem"), or is skipped and counted with skip_bad=True.
+
+READER_FORMATS = ("ours", "mathvista", "mathverse", "mathvision", "sharegpt")
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+IMAGE_TAG = "<image>"  # LLaMA-Factory's image marker in ShareGPT text
+# an option line: "A:x", "A. x", "(A) x"; and the same, several on one line
+CHOICE_LINE = re.compile(r"\s*(?:\(([A-Z])\)|([A-Z])\s*[:：.．)])\s*(.*?)\s*$")
+CHOICE_INLINE = re.compile(r"(?:\(([A-Z])\)|\b([A-Z])\s*[:：.．)])\s*")
+CHOICES_MARK = re.compile(r"choices\s*:", re.IGNORECASE)
+
+
+def _need(row, key, types, optional=False):
+    """row[key] checked against types; a missing/null optional key gives None."""
+    value = row.get(key)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"missing key {key!r}" if key not in row else f"key {key!r} is null")
+    if not isinstance(value, types) or isinstance(value, bool):
+        raise ValueError(f"key {key!r} has type {type(value).__name__}")
+    return value
+
+
+def _text(row, key, optional=False):
+    """A string field; numbers (answers like 42 or 1.5) are turned into strings."""
+    value = _need(row, key, (str, int, float), optional)
+    return value if value is None or isinstance(value, str) else str(value)
+
+
+def _str_list(row, key, optional=False):
+    value = _need(row, key, list, optional)
+    if value is not None and not all(isinstance(v, (str, int, float)) and not isinstance(v, bool)
+                                     for v in value):
+        raise ValueError(f"key {key!r} must be a list of strings")
+    return value if value is None else [str(v) for v in value]
+
+
+def _image_paths(paths, base_dir):
+    """Absolute paths of the images, relative ones taken from base_dir; each must exist."""
+    out = []
+    for p in paths:
+        full = os.path.normpath(os.path.join(base_dir, p))  # an absolute p is kept as is
+        if not os.path.isfile(full):
+            raise ValueError(f"image not found: {full}")
+        out.append(full)
+    return out
+
+
+def _record(id, images, question, answer, choices=None, solution=None, meta=None,
+            choices_in_question=False):
+    return {"id": None if id is None else str(id), "images": images, "question": question,
+            "choices_in_question": choices_in_question, "answer": answer,
+            "choices": choices or None, "solution": solution, "meta": meta or {}, "source": None}
+
+
+def _with_metadata(meta, metadata):
+    """meta plus the source's nested `metadata` dict, flattened (the top-level keys win)."""
+    if metadata is not None and not isinstance(metadata, dict):
+        raise ValueError(f"key 'metadata' has type {type(metadata).__name__}")
+    return {**(metadata or {}), **meta}
+
+
+def parse_choices(text):
+    """Option texts from a question that lists them ("Choices:\\nA:x\\nB:y", "A. x", "(A) x"),
+    or None. Looks after the last "Choices:" if there is one, else at the trailing lines."""
+    marks = list(CHOICES_MARK.finditer(text))
+    if marks:
+        block = text[marks[-1].end():].strip()
+        lines = [l for l in block.split("\n") if l.strip()]
+        if len(lines) == 1:  # all on one line: "A:1 B:2 C:3"
+            parts = CHOICE_INLINE.split(lines[0])
+            if parts[0].strip() == "":
+                letters = [a or b for a, b in zip(parts[1::3], parts[2::3])]
+                texts = [t.strip() for t in parts[3::3]]
+                return _in_order(letters, texts)
+    else:
+        lines = [l for l in text.split("\n") if l.strip()]
+        n = 0
+        while n < len(lines) and CHOICE_LINE.fullmatch(lines[-1 - n]):
+            n += 1
+        lines = lines[len(lines) - n:]
+    letters, texts = [], []
+    for line in lines:
+        m = CHOICE_LINE.fullmatch(line)
+        if m is None:
+            break
+        letters.append(m.group(1) or m.group(2))
+        texts.append(m.group(3))
+    return _in_order(letters, texts)
+
+
+def _in_order(letters, texts):
+    """The texts if the letters run A, B, C, ... (at least two), else None."""
+    if len(letters) < 2 or "".join(letters) != LETTERS[:len(letters)]:
+        return None
+    return texts
+
+
+# -----------------------------------------------------------------------------
+# one reader per schema: row (a parsed JSON object) and the data file's directory -> record
+
+
+def read_ours(row, base_dir):
+    """Our JSONL (synth_world.py writes it): id, image or images, question, answer, choices?,
+    solution?; any other key goes to meta (a `meta` dict is merged in, so records round-trip
+    through write_jsonl; an old `source` is kept as meta["origin"])."""
+    images = _str_list(row, "images", optional=True)
+    if images is None:
+        image = _text(row, "image", optional=True)
+        images = [image] if image else []
+    known = {"id", "image", "images", "question", "answer", "choices", "solution", "meta",
+             "choices_in_question", "source"}
+    meta = {k: v for k, v in row.items() if k not in known}
+    meta.update(_need(row, "meta", dict, optional=True) or {})
+    if row.get("source") is not None:
+        meta.setdefault("origin", row["source"])
+    return _record(_text(row, "id"), _image_paths(images, base_dir), _text(row, "question"),
+                   _text(row, "answer"), _str_list(row, "choices", optional=True),
+                   _text(row, "solution", optional=True), meta,
+                   bool(row.get("choices_in_question", False)))
+
+
+def read_mathvista(row, base_dir):
+    """MathVista (testmini): the model sees `query` (hint + question + choices); multiple-choice
+    answers are option texts; question_type, answer_type, precision, unit and the flattened
+    `metadata` (category, context, grade, skills, source, task, ...) go to meta."""
+    question = _text(row, "question")
+    query = _text(row, "query", optional=True)
+    meta = {"question": question, "question_type": _text(row, "question_type"),
+            "answer_type": _text(row, "answer_type"),
+            "precision": _need(row, "precision", (int, float), optional=True),
+            "unit": _text(row, "unit", optional=True)}
+    return _record(_text(row, "pid"), _image_paths([_text(row, "image")], base_dir),
+                   query if query is not None else question, _text(row, "answer"),
+                   _str_list(row, "choices", optional=True), None,
+                   _with_metadata(meta, row.get("metadata")), query is not None)
+
+
+def read_mathverse(row, base_dir):
+    """MathVerse: the model sees `query_cot` (else `query_wo`, else `question`); multiple-choice
+    answers are letters and the options, always written inside the question (or, for "Vision
+    Only" rows, in the image), are parsed into choices when possible; image "" means text-only."""
+    question = _text(row, "question")
+    query = _text(row, "query_cot", optional=True) or _text(row, "query_wo", optional=True)
+    question_type = _text(row, "question_type")
+    choices = parse_choices(question) if question_type == "multi-choice" else None
+    image = _text(row, "image", optional=True)
+    meta = {"question": question, "question_type": question_type,
+            "problem_index": _text(row, "problem_index", optional=True),
+            "problem_version": _text(row, "problem_version", optional=True)}
+    for k in ("question_for_eval", "query_wo"):
+        if row.get(k) is not None:
+            meta[k] = row[k]
+    return _record(_text(row, "sample_index"), _image_paths([image] if image else [], base_dir),
+                   query or question, _text(row, "answer"), choices, None,
+                   _with_metadata(meta, row.get("metadata")), True)
+
+
+def strip_image_tags(text, pattern=r"<image\d*>"):
+    """The text without image placeholders, and without the blank space they leave."""
+    text = re.sub(r"[ \t]*" + pattern + r"[ \t]*", " ", text)
+    text = "\n".join(line.strip() for line in text.split("\n"))
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def read_mathvision(row, base_dir):
+    """MathVision: `<image1>` placeholders are removed from the question, `options` (empty for
+    free-form) become choices, multiple-choice answers are letters; level and subject go to meta
+    with question_type "multi_choice" / "free_form" (MathVista's spelling)."""
+    choices = _str_list(row, "options", optional=True) or None
+    images = _str_list(row, "images", optional=True)
+    if images is None:
+        image = _text(row, "image", optional=True)
+        images = [image] if image else []
+    meta = {"question_type": "multi_choice" if choices else "free_form",
+            "level": row.get("level"), "subject": _text(row, "subject", optional=True)}
+    return _record(_text(row, "id"), _image_paths(images, base_dir),
+                   strip_image_tags(_text(row, "question"), r"<image\d+>"), _text(row, "answer"),
+                   choices, _text(row, "solution", optional=True), meta)
+
+
+def last_answer_tag(text):
+    """The text inside the last complete <answer>...</answer>, or ""."""
+    start = text.rfind("<answer>")
+    end = text.find("</answer>", start) if start >= 0 else -1
+    return text[start + len("<answer>"):end].strip() if end >= 0 else ""
+
+
+def read_sharegpt(row, base_dir):
+    """LLaMA-Factory / ShareGPT SFT rows: {"messages": [{role, content}], "images": [...]} or
+    {"conversations": [{from, value}]} with human/gpt. Turns: an optional system, one user, an
+    optional assistant (a prompt-only row has solution None, answer ""). The `<image>` markers
+    (as many as images) are removed from the question; the assistant text is the solution and
+    the answer is its last <answer>...</answer>. Other keys go to meta; no id -> "file:line"."""
+    key, role_key, text_key = (("messages", "role", "content") if "messages" in row
+                               else ("conversations", "from", "value"))
+    turns = _need(row, key, list)
+    roles = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
+             "gpt": "assistant"}
+    texts = {}
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get(text_key), str):
+            raise ValueError(f"{key}[{i}] needs a string {text_key!r}")
+        role = roles.get(turn.get(role_key))
+        if role is None or role in texts:
+            raise ValueError(f"{key}[{i}]: unexpected or repeated {role_key} "
+                             f"{turn.get(role_key)!r}")
+        texts[role] = turn[text_key]
+    order = [r for r in ("system", "user", "assistant") if r in texts]
+    if "user" not in texts or [roles[t[role_key]] for t in turns] != order:
+        raise ValueError(f"{key} must be [system], user, [assistant]; got "
+                         f"{[t[role_key] for t in turns]}")
+    images = _str_list(row, "images", optional=True) or []
+    n_tags = sum(t.count(IMAGE_TAG) for t in texts.values())
+    if n_tags != len(images):
+        raise ValueError(f"{n_tags} {IMAGE_TAG} markers but {len(images)} images")
+    meta = {k: v for k, v in row.items() if k not in (key, "images", "id")}
+    if "system" in texts:
+        meta["system"] = texts["system"]
+    solution = texts.get("assistant")
+    return _record(_text(row, "id", optional=True), _image_paths(images, base_dir),
+                   strip_image_tags(texts["user"], re.escape(IMAGE_TAG)),
+                   last_answer_tag(solution) if solution is not None else "", None, solution, meta)
+
+
+READERS = {"ours": read_ours, "mathvista": read_mathvista, "mathverse": read_mathverse,
+           "mathvision": read_mathvision, "sharegpt": read_sharegpt}
+
+
+def detect_format(row):
+    """The schema of a row, from its keys."""
+    if "messages" in row or "conversations" in row:
+        return "sharegpt"
+    if "pid" in row:
+        return "mathvista"
+    if "sample_index" in row or "problem_version" in row or "query_cot" in row:
+        return "mathverse"
+    if "options" in row and "subject" in row:
+        return "mathvision"
+    return "ours"
+
+
+# -----------------------------------------------------------------------------
+# files
+
+
+def _rows(path):
+    """Yield (where, row-or-error): JSONL line by line; a .json file whose top level is a dict
+    of dicts (MathVista's annotation, keyed by pid) or a list of objects, entry by entry."""
+    if path.endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError:
+                data = None  # maybe JSONL named .json
+        if isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()):
+            yield from ((f"{path}:[{k}]", v) for k, v in data.items())
+            return
+        if isinstance(data, list):
+            yield from ((f"{path}:[{i}]", v) for i, v in enumerate(data))
+            return
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"{path}:{lineno}", ValueError(f"malformed JSON: {e}")
+
+
+def load_records(path, fmt="auto", skip_bad=False):
+    """Read a data file into records -> (records, n_bad). fmt: "auto" (from the first good row's
+    keys) or one of READER_FORMATS. A bad row raises ValueError("file:line: problem") unless
+    skip_bad, which skips and counts it."""
+    path = os.fspath(path)
+    if fmt != "auto" and fmt not in READERS:
+        raise ValueError(f"unknown format {fmt!r}; expected auto or one of {READER_FORMATS}")
+    base_dir = os.path.dirname(os.path.abspath(path))
+    records, n_bad = [], 0
+    for where, row in _rows(path):
+        try:
+            if isinstance(row, ValueError):
+                raise row
+            if not isinstance(row, dict):
+                raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+            if fmt == "auto":
+                fmt = detect_format(row)
+            rec = READERS[fmt](row, base_dir)
+        except ValueError as e:
+            if not skip_bad:
+                raise ValueError(f"{where}: {e}") from None
+            n_bad += 1
+            continue
+        if rec["id"] is None:  # ShareGPT rows may have no id: name them by file and line
+            rec["id"] = os.path.basename(where)
+        rec["source"] = where
+        records.append(rec)
+    return records, n_bad
+
+
+def write_jsonl(path, rows):
+    """Write rows (JSON-able dicts) one per line, atomically: a temp file, then os.replace."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def format_question(record, suffix=None):
+    """The prompt text: the question, then "Choices:\\nA. x\\nB. y" unless the question already
+    shows them, then the optional suffix (e.g. the RL instruction) on a new line."""
+    text = record["question"]
+    if record.get("choices") and not record.get("choices_in_question"):
+        text += "\nChoices:\n" + "\n".join(f"{LETTERS[i]}. {c}"
+                                           for i, c in enumerate(record["choices"]))
+    return text + "\n" + suffix if suffix else text
+
+# -----------------------------------------------------------------------------
 # the synthetic visual-reasoning world (the embedded default; `python data.py synth ...`)
 #
 # The synthetic visual-reasoning world: the embedded default dataset, drawn with PIL, no downloads.
@@ -345,7 +694,6 @@ LEVELS = {  # what makes a level hard: more objects, more steps, larger numbers
     "hard": dict(count_n=(6, 10), bars_n=4, bars_max=9, table_rows=3, table_cols=3, side=(3, 9)),
 }
 GEO_MC = 0.5               # probability that a geometry problem is multiple choice
-LETTERS = "ABCD"
 DIGITS = {  # 3x5 pixel font, rows top to bottom
     "0": ("111", "101", "101", "101", "111"), "1": ("010", "110", "010", "010", "111"),
     "2": ("111", "001", "111", "100", "111"), "3": ("111", "001", "111", "001", "111"),
@@ -695,6 +1043,23 @@ def synth_main(argv=None):
     else:
         recs = write_split(args.out, args.n, args.level, args.seed, families, args.image_size)
     print(f"wrote {len(recs)} problems to {args.out}/data.jsonl in {time.time() - t0:.1f}s")
+
+def synth_records(n, level, seed, split="train", families=None, image_size=IMAGE_SIZE):
+    """The same problems as write_split, in memory, in the record form the readers return (the
+    images are PIL images instead of paths). What sft.py, grpo.py and eval.py use by default."""
+    recs = []
+    for p in make_split(n, level, seed, families, split, image_size):
+        meta = {k: p[k] for k in ("family", "level", "kind", "scene")}
+        recs.append(dict(id=p["id"], images=[p["image"]], question=p["question"], answer=p["answer"],
+                         choices=p.get("choices"), solution=p["solution"], meta=meta,
+                         source=f"synth:{split}:{seed}"))
+    return recs
+
+
+def synth_test_records(n=400):
+    """The fixed held-out test split every demo reports on (easy and hard mixed)."""
+    return synth_records(n, "mix", TEST_SEED, split="test")
+
 
 # -----------------------------------------------------------------------------
 # the tiny model: a random Qwen2.5-VL-shaped checkpoint directory, written exactly like a real one

@@ -287,7 +287,7 @@ class PatchMerger(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    max_chunk_patches = 8192  # images are batched into attention chunks of at most this many patches
+    max_chunk_patches = 1024  # images are batched into attention chunks of at most this many patches
 
     def __init__(self, vc):
         super().__init__()
@@ -544,7 +544,8 @@ class Qwen2_5_VL(nn.Module):
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                 position_ids=None, cache=None, logits=True):
         """input_ids (B, T) -> logits (B, T, vocab); with logits="last" only the last position's
-        (B, 1, vocab); with logits=False the final hidden states (B, T, C).
+        (B, 1, vocab); with a (B, T) bool mask only those positions' (N, vocab), which keeps the
+        (B, T, vocab) tensor out of memory in training; with logits=False the hidden states (B, T, C).
         With a cache, input_ids are the new tokens and position_ids (3, B, T) their
         positions (the sampler knows each row's); without, positions come from rope_index."""
         x = self.embed(input_ids, pixel_values, image_grid_thw)
@@ -553,6 +554,8 @@ class Qwen2_5_VL(nn.Module):
                 raise ValueError("decoding with a cache needs explicit position_ids")
             position_ids, _ = self.rope_index(input_ids, image_grid_thw, attention_mask)
         h = self.model(x, position_ids, attention_mask, cache)
+        if isinstance(logits, torch.Tensor):  # a (B, T) bool mask: logits of those positions only, (N, vocab)
+            return self.lm_head(h[logits])
         if logits == "last":
             h = h[:, -1:]
         return self.lm_head(h) if logits else h

@@ -1,0 +1,322 @@
+"""
+GRPO, by hand: sample G completions per prompt, score them, push up the better ones.
+
+    python grpo.py                                   # the embedded demo: runs/sft1 -> runs/grpo1
+    torchrun --nproc_per_node=8 grpo.py --model DIR --data train.jsonl ...   # FSDP2, see README
+
+One step (a "rollout"), for P prompts:
+  1. sample G completions per prompt with sample.py (weights gathered once for the whole rollout)
+  2. score each with reward.py: r = accuracy (+ format_weight * format; 0 by default, as the paper)
+  3. group advantages, the same for every token of a completion:
+         A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-6)       (--no-std: r_i - mean, Dr.GRPO)
+     a group whose rewards are all equal has A = 0: no signal; we count it ("signal" metric)
+  4. log-probs of the sampled tokens under the sampling policy (logp_old) and under the frozen
+     start model (ref) - both sharded, no grad
+  5. mu passes over minibatches of the rollout, one optimizer step per minibatch, minimizing
+         rho_t = exp(logp_t - logp_old_t)
+         pg_t  = max(-A rho_t, -A clip(rho_t, 1 - eps_low, 1 + eps_high))
+         pg_t  = min(pg_t, -A dual_clip)          if A < 0  (dual clip: a far-off-policy negative
+                                                             sample cannot blow up the loss)
+         kl_t  = exp(ref_t - logp_t) - (ref_t - logp_t) - 1 (k3 estimator, >= 0, 0 iff equal)
+         loss  = sum_t (pg_t + beta kl_t) / (completion tokens in the minibatch, all ranks)
+     (--seq-mean: mean over each completion's tokens, then over completions.)
+
+Knobs: eps_low/eps_high (--clip-low/--clip-high) bound how far one update moves a token's
+probability; --dual-clip bounds negative-advantage terms; --beta weighs the KL to the start
+model; --mu and --prompts-per-step set how off-policy the later steps of a rollout get.
+How this departs from the paper's EasyR1 setup: no vLLM (our own sampler), no padding-free
+packing (padded batches), and logp_old is not recomputed when the rollout is used once in one
+step (mu=1 and prompts_per_step = prompts_per_rollout): then logp_old = logp.detach() and
+rho = 1 exactly. Otherwise it is recomputed with a forward pass, as verl does.
+
+The paper's recipe on a real checkpoint (see README):
+    torchrun --nproc_per_node=8 grpo.py --model SFT_DIR --data grpo_train.jsonl --suffix r1 \\
+      --group-size 5 --temperature 1.0 --top-p 0.99 --beta 0.01 --clip-low 0.2 --clip-high 0.3 \\
+      --dual-clip 3 --lr 1e-6 --weight-decay 0.01 --prompts-per-rollout 512 --prompts-per-step 128 \\
+      --max-new-tokens 2048 --max-prompt-len 6144 --max-pixels 262144 --micro-batch 4
+"""
+
+import argparse
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+import data
+import model as M
+import reward
+import sample
+import sft
+
+# -----------------------------------------------------------------------------
+# the objective
+
+
+def group_advantages(rewards, group_size, scale_std=True, eps=1e-6):
+    """rewards (N,) ordered group after group -> (advantages (N,), groups with signal (int))."""
+    r = rewards.view(-1, group_size)
+    adv = r - r.mean(dim=1, keepdim=True)
+    if scale_std:
+        adv = adv / (r.std(dim=1, keepdim=True) + eps) if group_size > 1 else adv
+    signal = int((r.max(dim=1).values > r.min(dim=1).values).sum())
+    return adv.flatten(), signal
+
+
+def grpo_loss(logp, old_logp, ref_logp, adv, n_norm, clip_low=0.2, clip_high=0.3,
+              dual_clip=3.0, beta=0.01, seq_mean=False, seq_len=None):
+    """Per-token inputs, flat over the completion tokens of a micro-batch (N,):
+    logp (with grad), old_logp, ref_logp (or None when beta == 0), adv (the advantage of the
+    token's completion). n_norm: the divisor, computed over
+    the whole minibatch on all ranks: completion tokens (token-mean) or completions (seq-mean,
+    then seq_len (N,) is each token's completion length). Returns (loss, stats dict)."""
+    ratio = torch.exp(logp - old_logp)
+    pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_low, 1 + clip_high))
+    pg = torch.where(adv < 0, torch.minimum(pg, -adv * dual_clip), pg)
+    per_tok = pg
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None and beta > 0:
+        d = ref_logp - logp
+        kl = torch.exp(d) - d - 1
+        per_tok = per_tok + beta * kl
+    w = 1.0 / seq_len if seq_mean else torch.ones_like(logp)
+    loss = (per_tok * w).sum() / n_norm
+    with torch.no_grad():
+        clipped = ((ratio < 1 - clip_low) & (adv < 0)) | ((ratio > 1 + clip_high) & (adv > 0))
+        stats = dict(kl=kl.detach().sum().item(), clipped=clipped.sum().item(), tokens=logp.numel())
+    return loss, stats
+
+
+def token_logps(model, batch, tgt_mask, targets, with_entropy=False):
+    """Log-prob of each completion token (N,) from one forward; the logits are computed only at
+    the N positions that predict a completion token (mask (B, T)), never (B, T, vocab)."""
+    logits = model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
+                   batch.get("image_grid_thw"), logits=tgt_mask).float()
+    logp_all = F.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, targets[:, None]).squeeze(1)
+    ent = None
+    if with_entropy:
+        with torch.no_grad():
+            ent = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, ent
+
+# -----------------------------------------------------------------------------
+# building training sequences from a rollout
+
+
+def build_sequences(encs, s):
+    """Prompt encodings (P) + Samples (P*n rows) -> per-row training items: input_ids =
+    prompt + completion, right-padded; tgt_mask marks the positions whose next token is a
+    completion token; targets are those next tokens (flat, row-major)."""
+    items = []
+    for r in range(len(s.lengths)):
+        e = encs[int(s.prompt_index[r])]
+        comp = s.tokens[r, :int(s.lengths[r])]
+        items.append(dict(input_ids=torch.cat([e["input_ids"], comp]), pixel_values=e["pixel_values"],
+                          image_grid_thw=e["image_grid_thw"], n_prompt=len(e["input_ids"]), n_comp=len(comp)))
+    return items
+
+
+def collate_rows(items, pad_id):
+    batch = data.collate([{k: it[k] for k in ("input_ids", "pixel_values", "image_grid_thw")} for it in items],
+                         pad_id, padding_side="right")
+    B, T = batch["input_ids"].shape
+    tgt_mask = torch.zeros(B, T, dtype=torch.bool)
+    for b, it in enumerate(items):
+        tgt_mask[b, it["n_prompt"] - 1:it["n_prompt"] - 1 + it["n_comp"]] = True
+    nxt = torch.cat([batch["input_ids"][:, 1:], torch.full((B, 1), pad_id)], dim=1)
+    return batch, tgt_mask, nxt[tgt_mask]
+
+# -----------------------------------------------------------------------------
+# the loop
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="GRPO on a vision-language model (see the module docstring)")
+    # model and data
+    p.add_argument("--model", default="runs/sft1", help="policy to start from (checkpoint dir); also the KL reference")
+    p.add_argument("--data", default=None, help="training prompts (JSONL, any reader format); default: hard synthetic problems")
+    p.add_argument("--n-train", type=int, default=4000, help="synthetic training problems when --data is not given")
+    p.add_argument("--out", default="runs/grpo1", help="output directory (checkpoints, metrics.jsonl)")
+    p.add_argument("--suffix", default="", help="text after each question: '' or 'r1' (the paper's prompt)")
+    p.add_argument("--max-pixels", type=int, default=512 * 512, help="image resize cap, pixels")
+    p.add_argument("--max-prompt-len", type=int, default=6144, help="prompts longer than this are skipped, tokens")
+    # sampling
+    p.add_argument("--group-size", type=int, default=8, help="G: completions per prompt")
+    p.add_argument("--temperature", type=float, default=1.0, help="rollout temperature")
+    p.add_argument("--top-p", type=float, default=1.0, help="rollout nucleus mass")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="completion budget, tokens")
+    # objective
+    p.add_argument("--beta", type=float, default=0.01, help="KL coefficient (k3 estimator to the start model)")
+    p.add_argument("--clip-low", type=float, default=0.2, help="eps_low: ratio floor 1 - eps_low")
+    p.add_argument("--clip-high", type=float, default=0.3, help="eps_high: ratio ceiling 1 + eps_high")
+    p.add_argument("--dual-clip", type=float, default=3.0, help="cap on the loss of negative-advantage tokens, x|A|")
+    p.add_argument("--no-std", action="store_true", help="advantage r - mean(r), without dividing by std (Dr.GRPO)")
+    p.add_argument("--seq-mean", action="store_true", help="mean per completion, then over completions (default: token-mean)")
+    p.add_argument("--format-weight", type=float, default=0.0, help="weight of the format reward (paper: 0)")
+    # optimization
+    p.add_argument("--steps", type=int, default=150, help="rollouts")
+    p.add_argument("--prompts-per-rollout", type=int, default=8, help="prompts sampled per rollout (all ranks)")
+    p.add_argument("--prompts-per-step", type=int, default=8, help="prompts per optimizer step (all ranks)")
+    p.add_argument("--mu", type=int, default=1, help="passes over each rollout")
+    p.add_argument("--micro-batch", type=int, default=64, help="sequences per forward/backward, per rank")
+    p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (constant, no warmup)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
+    p.add_argument("--freeze-vision", action="store_true", help="do not train the vision tower and merger")
+    # bookkeeping
+    p.add_argument("--eval-every", type=int, default=50, help="evaluate on the held-out synthetic test every N rollouts (0: off)")
+    p.add_argument("--eval-n", type=int, default=400, help="held-out items per evaluation")
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N rollouts")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--seed", type=int, default=0, help="seed for prompt order and sampling")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 compute (default: on CUDA)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = get_args(argv)
+    rank, world, device = sft.dist_init()
+    bf16 = a.bf16 if a.bf16 is not None else str(device).startswith("cuda")
+    if a.prompts_per_rollout % a.prompts_per_step or a.prompts_per_step % world:
+        raise SystemExit("--prompts-per-rollout must be a multiple of --prompts-per-step, and that of the number of processes")
+    torch.manual_seed(a.seed)
+    tok = data.load_tokenizer(a.model)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    policy = M.load_model(a.model, dtype=torch.float32, device=device)
+    ref = M.load_model(a.model, dtype=torch.bfloat16 if bf16 else torch.float32, device=device).eval()
+    for prm in ref.parameters():
+        prm.requires_grad_(False)
+    if a.freeze_vision and hasattr(policy, "visual"):
+        policy.visual.requires_grad_(False)
+    policy = sft.shard_model(policy, device, bf16)
+    ref = sft.shard_model(ref, device, bf16)
+    opt = torch.optim.AdamW([q for q in policy.parameters() if q.requires_grad], lr=a.lr,
+                            weight_decay=a.weight_decay, betas=(0.9, 0.999))
+    start, ck = 0, sft.latest_checkpoint(a.out) if a.resume else None
+    if ck:
+        start = sft.load_checkpoint(ck, policy, opt)["step"]
+        sft.print0(f"resumed from {ck} at step {start}")
+    if a.data:
+        records, n_bad = data.load_records(a.data)
+    else:
+        records = data.synth_records(a.n_train, "hard", seed=1)
+    test = data.synth_test_records(a.eval_n) if a.eval_every else None
+    log = sft.MetricsLogger(os.path.join(a.out, "metrics.jsonl"), resume_step=start if ck else None)
+    suffix = data.SUFFIXES.get(a.suffix, a.suffix)
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(a.seed)).tolist()
+    P_local = a.prompts_per_rollout // world
+    G = a.group_size
+    t_start = time.time()
+    from tqdm import tqdm
+    for step in tqdm(range(start, a.steps), initial=start, total=a.steps, desc="grpo", disable=rank != 0):
+        times = {}
+        # 1. prompts of this rollout (this rank's share), encoded once
+        t0 = time.time()
+        first = step * a.prompts_per_rollout + rank * P_local
+        idx = [order[(first + i) % len(order)] for i in range(P_local)]
+        recs = [records[i] for i in idx]
+        encs = [data.encode_prompt(tok, data.format_question(r, suffix), r["images"], max_pixels=a.max_pixels) for r in recs]
+        # 2. sample
+        s = sample.generate(policy, encs, n=G, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                            top_p=a.top_p, seed=a.seed, keys=[step * a.prompts_per_rollout + rank * P_local + i for i in range(P_local)],
+                            tokenizer=tok, pad_id=pad_id, max_prompt_len=a.max_prompt_len)
+        times["sample"] = time.time() - t0
+        # 3. score
+        t0 = time.time()
+        acc = torch.tensor([reward.accuracy_reward(s.texts[r], recs[r // G]["answer"], recs[r // G].get("choices"))
+                            for r in range(len(s.texts))])
+        fmt = torch.tensor([reward.format_reward(t) for t in s.texts])
+        rewards = acc + a.format_weight * fmt
+        adv, signal = group_advantages(rewards, G, scale_std=not a.no_std)
+        times["score"] = time.time() - t0
+        # 4. training rows, reference (and old) log-probs, no grad
+        t0 = time.time()
+        items = build_sequences(encs, s)
+        for r, it in enumerate(items):
+            it["adv"] = float(adv[r])
+        mbs = [items[i:i + a.micro_batch] for i in range(0, len(items), a.micro_batch)]
+        on_policy = a.mu == 1 and a.prompts_per_step == a.prompts_per_rollout
+        with torch.no_grad():
+            for mb in mbs:
+                batch, tgt_mask, targets = collate_rows(mb, pad_id)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                tgt_mask, targets = tgt_mask.to(device), targets.to(device)
+                ref_lp, _ = token_logps(ref, batch, tgt_mask, targets) if a.beta > 0 else (None, None)
+                old_lp = None if on_policy else token_logps(policy, batch, tgt_mask, targets)[0]
+                off = 0
+                for it in mb:
+                    n = it["n_comp"]
+                    it["ref"] = ref_lp[off:off + n].float() if ref_lp is not None else None
+                    it["old"] = old_lp[off:off + n] if old_lp is not None else None
+                    off += n
+        times["reference"] = time.time() - t0
+        # 5. mu passes of minibatch updates
+        t0 = time.time()
+        policy.train()
+        stats = dict(loss=0.0, kl=0.0, clipped=0, tokens=0, entropy=0.0, grad_norm=0.0)
+        rows_per_step = a.prompts_per_step // world * G
+        for _ in range(a.mu):
+            for s0 in range(0, len(items), rows_per_step):
+                step_items = items[s0:s0 + rows_per_step]
+                n_tok = torch.tensor(float(sum(it["n_comp"] for it in step_items)), device=device)
+                n_seq = torch.tensor(float(len(step_items)), device=device)
+                if world > 1:
+                    torch.distributed.all_reduce(n_tok)
+                    torch.distributed.all_reduce(n_seq)
+                n_norm = (n_seq if a.seq_mean else n_tok).clamp(min=1)
+                opt.zero_grad(set_to_none=True)
+                for m0 in range(0, len(step_items), a.micro_batch):
+                    mb = step_items[m0:m0 + a.micro_batch]
+                    batch, tgt_mask, targets = collate_rows(mb, pad_id)
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    logp, ent = token_logps(policy, batch, tgt_mask.to(device), targets.to(device), with_entropy=True)
+                    cat = lambda key: torch.cat([it[key] if it[key] is not None else torch.zeros(0) for it in mb]).to(device)
+                    old = logp.detach() if mb[0]["old"] is None else cat("old")
+                    ref_lp = cat("ref") if mb[0]["ref"] is not None else None
+                    adv_t = torch.cat([torch.full((it["n_comp"],), it["adv"]) for it in mb]).to(device)
+                    seq_len = torch.cat([torch.full((it["n_comp"],), float(max(it["n_comp"], 1))) for it in mb]).to(device)
+                    loss, st = grpo_loss(logp, old, ref_lp, adv_t, n_norm, a.clip_low, a.clip_high,
+                                         a.dual_clip, a.beta, a.seq_mean, seq_len)
+                    # FSDP averages gradients over ranks; the loss is already a global mean
+                    (loss * world).backward()
+                    stats["loss"] += loss.item()
+                    stats["kl"] += st["kl"]
+                    stats["clipped"] += st["clipped"]
+                    stats["tokens"] += st["tokens"]
+                    stats["entropy"] += ent.sum().item()
+                gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), a.grad_clip)
+                stats["grad_norm"] = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
+                opt.step()
+        times["update"] = time.time() - t0
+        # metrics (this rank's rollout, reduced over ranks)
+        n_tok_gen = float(s.lengths.sum())
+        vals = torch.tensor([float(rewards.sum()), float(acc.sum()), float(fmt.sum()), float(len(rewards)),
+                             stats["kl"], stats["clipped"], stats["tokens"], stats["entropy"], float(signal),
+                             float(P_local), n_tok_gen, stats["loss"]], device=device)
+        if world > 1:
+            torch.distributed.all_reduce(vals)
+        R = vals[3].item()
+        row = dict(step=step + 1, reward=vals[0].item() / R, accuracy=vals[1].item() / R, format=vals[2].item() / R,
+                   kl=vals[4].item() / max(vals[6].item(), 1), clip_frac=vals[5].item() / max(vals[6].item(), 1),
+                   entropy=vals[7].item() / max(vals[6].item(), 1), response_length=vals[10].item() / R,
+                   signal_frac=vals[8].item() / vals[9].item(), loss=vals[11].item() / world / a.mu,
+                   grad_norm=stats["grad_norm"], lr=a.lr,
+                   **{f"time_{k}": v for k, v in times.items()},
+                   tokens_per_s=vals[10].item() / max(sum(times.values()), 1e-9), elapsed=time.time() - t_start)
+        if test is not None and ((step + 1) % a.eval_every == 0 or step + 1 == a.steps):
+            import eval as E  # (below us in the reading order: imported only when used)
+            _, summary = E.evaluate(policy, tok, test, rank=rank, world_size=world, progress=False)
+            row["test_accuracy"] = summary["accuracy"]
+            row.update({f"test_{k}": v[0] for k, v in summary["by"].get("family", {}).items()})
+            sft.print0(f"step {step + 1}: test accuracy {summary['accuracy']:.3f}")
+        log.log(**row)
+        if (step + 1) % a.save_every == 0 or step + 1 == a.steps:
+            sft.save_checkpoint(policy, tok, sft.checkpoint_dir(a.out, step + 1), optimizer=opt, step=step + 1)
+    sft.export_model(policy, tok, a.out)  # the final policy, HF layout, at the top of --out
+    log.close()
+    sft.dist_cleanup()
+
+
+if __name__ == "__main__":
+    main()

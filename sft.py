@@ -1,0 +1,671 @@
+"""
+Supervised fine-tuning: masked cross-entropy on the assistant's tokens, AdamW with warmup then
+cosine decay, gradient clipping and accumulation, FSDP2 under torchrun; and the small distributed
+kit (init, FSDP wrapping, checkpoints, metrics) that grpo.py and eval.py import.
+
+    python sft.py                                   # the embedded demo: tiny model, easy synthetic problems
+    python sft.py --model Qwen2.5-VL-7B-Instruct --data traces.jsonl --freeze-vision \\
+        --lr 5e-6 --batch-size 32 --epochs 1 --out runs/sft1
+    torchrun --nproc_per_node=8 sft.py --model DIR --data FILE ...   # FSDP2, one shard per GPU
+    python sft.py ... --resume                      # continue from the latest checkpoint in --out
+
+The loss, once: for the trained positions t of the global batch (the assistant reply and its
+closing <|im_end|>, in every row, every micro-batch and every rank of one optimizer step),
+
+    loss = sum_t -log p(x_t | x_<t) / N,     N = number of trained positions in the global batch.
+
+Each micro-batch contributes its sum divided by the global N (counted and all-reduced before the
+first backward), so accumulation and data parallelism give exactly the per-token mean of the
+whole batch: a long reply weighs more than a short one, as in the paper's trainer (token mean).
+Prompt, image and padding positions never reach the loss, so their gradient is exactly zero.
+
+Outputs, in --out (default runs/sft1): the final model in the HF layout (config.json,
+model.safetensors, tokenizer files: `load_model`, `eval.py --model`, and transformers load it),
+metrics.jsonl (one line per step: step, loss, lr, grad_norm, tokens, tokens_per_s, elapsed), and
+checkpoints/step_NNNNNN/ (the same HF layout + optimizer/ + trainer_state.pt) every --save-every
+steps and at the end, each written to a .tmp directory and renamed into place when complete.
+
+Distributed: `fully_shard` (FSDP2) on each decoder layer, each vision block, then the root (which
+keeps the embedding and the tied lm_head together). gloo on CPU, nccl on CUDA. A single process
+runs the plain model (no process group, no wrapping): the same math with nothing in between.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import data
+import model as M
+
+IGNORE_INDEX = data.IGNORE_INDEX
+
+# -----------------------------------------------------------------------------
+# the distributed kit (grpo.py and eval.py import these)
+
+
+def dist_init(device=None):
+    """-> (rank, world_size, device). Under torchrun (RANK/WORLD_SIZE set): join the process
+    group, gloo on CPU, nccl on CUDA (one GPU per local rank). Otherwise one plain process on
+    `device` (default: cuda if available, else cpu), no process group. Idempotent."""
+    device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def dist_cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def is_main():
+    return rank_world()[0] == 0
+
+
+def print0(*args, **kwargs):
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(x):
+    """Sum a tensor over ranks (in place, returns it); a no-op in one process."""
+    if dist.is_initialized():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def is_sharded(model):
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def shard_model(model, device, bf16=False):
+    """FSDP2: fully_shard each decoder layer, each vision block, then the root (embedding, tied
+    lm_head, final norm, patch embed and merger stay in the root's group). With bf16 the
+    gathered weights and the compute are bf16, the gradient reduction and the optimizer's
+    master weights fp32. One process: returned as it is, moved to `device` (the single-process
+    path uses autocast for bf16 instead). Why no one-rank FSDP: `python sft.py` needs no process
+    group, and a plain module is the easiest thing to read and debug."""
+    _, world = rank_world()
+    if world == 1:
+        return model.to(device)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(device.type, (world,))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    kw = dict(mesh=mesh, mp_policy=mp)
+    for layer in model.model.layers:
+        fully_shard(layer, **kw)
+    if getattr(model, "visual", None) is not None:
+        for block in model.visual.blocks:
+            fully_shard(block, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def full_state_dict(model):
+    """The full (unsharded) state dict on CPU, on rank 0; {} on the other ranks of a sharded
+    model. Collective under FSDP: every rank must call it."""
+    if not is_sharded(model):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _swap_in(tmp, path):
+    """Rename the finished directory tmp to path (replacing an older one)."""
+    old = path + ".old"
+    if os.path.exists(path):
+        if os.path.exists(old):
+            shutil.rmtree(old)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if os.path.exists(old):
+        shutil.rmtree(old)
+
+
+def save_checkpoint(model, tokenizer, path, optimizer=None, step=0, extra=None):
+    """Write a checkpoint directory, atomically: everything goes to path + ".tmp", which is renamed
+    to path once complete (a crash leaves the previous checkpoint as it was). Contents: the HF
+    layout (config.json, model.safetensors, tokenizer files; float32 master weights, so a resume
+    is exact), and with an optimizer: optimizer/ (torch.distributed.checkpoint: each rank writes
+    its own shard, and loading reshards, so a run may resume on a different number of ranks)
+    and trainer_state.pt (step, extra, RNG state). Collective under FSDP."""
+    tmp = path + ".tmp"
+    if is_main():
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    barrier()
+    sd = full_state_dict(model)
+    if is_main():
+        M.save_model(model, tmp, state_dict=sd)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    del sd
+    if optimizer is not None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+        with warnings.catch_warnings():  # "assuming the intent is to save in a single process": yes
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)},
+                     checkpoint_id=os.path.join(tmp, "optimizer"), no_dist=not dist.is_initialized())
+        if is_main():
+            rng = {"torch": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state()
+            torch.save({"step": step, "extra": extra or {}, "rng": rng, "world_size": rank_world()[1]},
+                       os.path.join(tmp, "trainer_state.pt"))
+    barrier()
+    if is_main():
+        _swap_in(tmp, path)
+    barrier()
+
+
+def load_checkpoint(path, model=None, optimizer=None):
+    """Restore what save_checkpoint wrote: weights into `model` (plain or sharded), the optimizer
+    state (resharded to this run's ranks) and the RNG state. Returns the trainer state dict
+    (step, extra). Collective under FSDP."""
+    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    if model is not None:
+        src = M.load_model(path, dtype=torch.float32, device="cpu")
+        sd = src.state_dict()
+        del src
+        if is_sharded(model):
+            set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True))
+        else:
+            with torch.no_grad():
+                for k, v in model.state_dict().items():
+                    v.copy_(sd[k])
+    if optimizer is not None:
+        import torch.distributed.checkpoint as dcp
+        osd = get_optimizer_state_dict(model, optimizer)  # the template: this run's sharding
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"optimizer": osd}, checkpoint_id=os.path.join(path, "optimizer"),
+                     no_dist=not dist.is_initialized())
+        set_optimizer_state_dict(model, optimizer, osd)
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["rng"]["cuda"])
+    return state
+
+
+def checkpoint_dir(out, step):
+    return os.path.join(out, "checkpoints", f"step_{step:06d}")
+
+
+def latest_checkpoint(out):
+    """The checkpoint of the highest step under out/checkpoints that is complete, or None."""
+    root = os.path.join(out, "checkpoints")
+    if not os.path.isdir(root):
+        return None
+    done = [d for d in os.listdir(root) if d.startswith("step_") and d[5:].isdigit()
+            and os.path.isfile(os.path.join(root, d, "trainer_state.pt"))]
+    return os.path.join(root, max(done, key=lambda d: int(d[5:]))) if done else None
+
+
+def prune_checkpoints(out, keep):
+    """Delete all but the `keep` most recent step checkpoints (rank 0)."""
+    root = os.path.join(out, "checkpoints")
+    if keep <= 0 or not is_main() or not os.path.isdir(root):
+        return
+    steps = sorted(d for d in os.listdir(root) if d.startswith("step_") and d[5:].isdigit())
+    for d in steps[:-keep]:
+        shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+
+
+def export_model(model, tokenizer, out):
+    """The final model in the HF layout at the top of `out` (next to metrics.jsonl): written to a
+    temporary directory, then each file renamed into place. Collective under FSDP."""
+    tmp = os.path.join(out, ".export.tmp")
+    if is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    sd = full_state_dict(model)
+    if is_main():
+        M.save_model(model, tmp, state_dict=sd)
+        tokenizer.save_pretrained(tmp)
+        for f in os.listdir(tmp):
+            os.replace(os.path.join(tmp, f), os.path.join(out, f))
+        os.rmdir(tmp)
+    barrier()
+
+
+class MetricsLogger:
+    """Appends one JSON object per line to `path`, on rank 0 only (a no-op elsewhere). With
+    resume_step, lines of later steps (from a run that went past its last checkpoint) are
+    dropped first, so the file reads as one run."""
+
+    def __init__(self, path, resume_step=None):
+        self.path = path
+        self.f = None
+        if not is_main() or path is None:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if resume_step is not None and os.path.exists(path):
+            with open(path) as f:
+                keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            with open(path, "w") as f:
+                f.writelines(keep)
+        elif resume_step is None and os.path.exists(path):
+            os.remove(path)  # a fresh run starts a fresh file
+        self.f = open(path, "a")
+
+    def log(self, **row):
+        if self.f is not None:
+            self.f.write(json.dumps(row) + "\n")
+            self.f.flush()
+
+    def close(self):
+        if self.f is not None:
+            self.f.close()
+            self.f = None
+
+
+def cosine_lr(step, total, warmup, lr, min_lr=0.0):
+    """Learning rate of optimizer step `step` (0-based): linear warmup from lr/warmup to lr over
+    the first `warmup` steps, then a half cosine from lr down to min_lr at the last step."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - 1 - warmup)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+# -----------------------------------------------------------------------------
+# the loss
+
+
+def loss_positions(labels):
+    """(B, T) bool: the positions whose next token is trained (position t predicts token t + 1;
+    the last position predicts nothing). Pass it as model(..., logits=mask) to get the logits
+    of those positions only, (N, vocab), in sft_loss's order."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return keep
+
+
+def sft_loss(logits_or_hidden, labels, n_tokens_global, lm_head=None):
+    """Sum of the cross-entropy over the trained tokens of this micro-batch, divided by the number
+    of trained tokens of the whole global batch (all micro-batches, all ranks): see the top.
+
+    logits_or_hidden: (B, T, V) logits; or (B, T, C) final hidden states with lm_head (a Linear
+    or its (V, C) weight); or (N, V) logits of the loss_positions(labels) only (what training
+    uses: the (B, T, V) logits of the prompt and padding are never formed). labels (B, T) with
+    IGNORE_INDEX where nothing is trained."""
+    y = labels[:, 1:]
+    y = y[y != IGNORE_INDEX]                                   # (N,) row by row
+    x = logits_or_hidden
+    if x.dim() == 3:
+        x = x[loss_positions(labels).to(x.device)]             # (N, V or C), the same order
+        if lm_head is not None:
+            x = F.linear(x, lm_head.weight if hasattr(lm_head, "weight") else lm_head)
+    return F.cross_entropy(x.float(), y.to(x.device), reduction="sum") / n_tokens_global
+
+
+def trained_tokens(labels):
+    """The trained tokens of a (B, T) label tensor: N of sft_loss, for this micro-batch."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+# -----------------------------------------------------------------------------
+# data: records -> kept rows (length-checked) -> global batches in a fixed order
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or the gradient norm is NaN or infinite: the run stops before the update."""
+
+
+class BadData(ValueError):
+    """A malformed, solution-less or over-long row under --strict, or no trainable rows at all."""
+
+
+def encoded_length(tokenizer, question, answer, images, min_pixels, max_pixels):
+    """len(encode_sft(...)["input_ids"]) without processing any pixels: the text is tokenized and
+    each image counts its merged tokens from its size (a file is opened for its header only)."""
+    from PIL import Image
+    text = len(tokenizer(data.prompt_text(tokenizer, question, len(images)), add_special_tokens=False)["input_ids"])
+    n = text - len(images)  # each <|image_pad|> placeholder is one token before expansion
+    for im in images:
+        if isinstance(im, Image.Image):
+            w, h = im.size
+        else:
+            with Image.open(im) as f:
+                w, h = f.size
+        rh, rw = data.smart_resize(h, w, data.FACTOR, min_pixels, max_pixels)
+        n += (rh // data.FACTOR) * (rw // data.FACTOR)
+    return n + len(tokenizer(answer, add_special_tokens=False)["input_ids"]) + 1
+
+
+def filter_records(records, tokenizer, max_seq_len, suffix, min_pixels, max_pixels, strict=False):
+    """-> (kept records, {reason: count}). A row without a solution, or longer than max_seq_len
+    tokens, is skipped and counted; with strict it is an error naming the row."""
+    kept, skipped = [], {}
+    for r in records:
+        why = None
+        if not isinstance(r.get("solution"), str) or not r["solution"]:
+            why = "no solution"
+        else:
+            n = encoded_length(tokenizer, data.format_question(r, suffix), r["solution"], r["images"],
+                               min_pixels, max_pixels)
+            if n > max_seq_len:
+                why = "longer than --max-seq-len"
+                if strict:
+                    raise BadData(f"row {r.get('id')!r} ({r.get('source', '?')}): {n} tokens > "
+                                     f"--max-seq-len {max_seq_len} (drop --strict to skip such rows)")
+        if why is None:
+            kept.append(r)
+            continue
+        if strict:
+            raise BadData(f"row {r.get('id')!r} ({r.get('source', '?')}): {why}")
+        skipped[why] = skipped.get(why, 0) + 1
+    return kept, skipped
+
+
+class BatchOrder:
+    """Row indices of global batch `step`: the rows are an endless stream of epochs, each a
+    permutation drawn from (seed, epoch). A pure function of the step, so a resumed run sees
+    exactly the rows it would have seen."""
+
+    def __init__(self, n, batch_size, seed):
+        self.n, self.batch_size, self.seed, self._perm = n, batch_size, seed, {}
+
+    def perm(self, epoch):
+        if epoch not in self._perm:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = {epoch: torch.randperm(self.n, generator=g).tolist()}
+        return self._perm[epoch]
+
+    def __call__(self, step):
+        return [self.perm(i // self.n)[i % self.n]
+                for i in range(step * self.batch_size, (step + 1) * self.batch_size)]
+
+
+def micro_batches(rows, rank, world, micro):
+    """This rank's share of a global batch (a contiguous block), cut into micro-batches."""
+    per_rank = len(rows) // world
+    mine = rows[rank * per_rank:(rank + 1) * per_rank]
+    return [mine[i:i + micro] for i in range(0, len(mine), micro)]
+
+
+# -----------------------------------------------------------------------------
+# the training loop
+
+
+def build_model(args, device):
+    """(model float32 on CPU, tokenizer): from --model DIR, or --model tiny built from scratch."""
+    if args.model == "tiny":
+        tok = data.build_tiny_tokenizer()
+        overrides = {}
+        for kv in filter(None, (args.tiny or "").split(",")):
+            k, v = kv.split("=")
+            if k not in data.TINY:
+                raise ValueError(f"--tiny: unknown size {k!r} (known: {', '.join(data.TINY)})")
+            overrides[k] = json.loads(v)
+        torch.manual_seed(args.seed)
+        model = M.Qwen2_5_VL(data.tiny_config(tok, **overrides)).init_weights(seed=args.seed)
+        return model, tok
+    return M.load_model(args.model, dtype=torch.float32, device="cpu"), data.load_tokenizer(args.model)
+
+
+def load_train_records(args):
+    if args.data:
+        try:
+            return data.load_records(args.data, skip_bad=not args.strict)
+        except ValueError as e:
+            raise BadData(str(e)) from e
+    return data.synth_records(args.n_train, args.level, args.data_seed), 0
+
+
+def train(args):
+    """One training run (the process group, if any, is already up). Returns a summary dict."""
+    rank, world, device = dist_init(args.device)
+    t_start = time.time()
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype) or (
+        torch.bfloat16 if device.type == "cuda" else torch.float32)
+    bf16 = dtype == torch.bfloat16
+    if args.batch_size % (args.micro_batch_size * world):
+        raise ValueError(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size "
+                         f"{args.micro_batch_size} x {world} processes")
+    accum = args.batch_size // (args.micro_batch_size * world)
+    suffix = data.SUFFIXES.get(args.suffix, args.suffix)
+    px = dict(min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+
+    # where we start: a checkpoint of this run (--resume), or the base model
+    resume_from = latest_checkpoint(args.out) if args.resume else None
+    if args.resume and resume_from is None:
+        print0(f"--resume: no checkpoint in {args.out}/checkpoints, starting from scratch")
+    model, tok = build_model(args, device)
+    if args.freeze_vision and getattr(model, "visual", None) is not None:
+        model.visual.requires_grad_(False)  # the real recipe: vision tower and merger frozen
+    model.model.gradient_checkpointing = args.activation_checkpointing
+    model.train()
+
+    records, n_bad = load_train_records(args)
+    rows, skipped = filter_records(records, tok, args.max_seq_len, suffix, **px, strict=args.strict)
+    if n_bad:
+        skipped["malformed"] = n_bad
+    if not rows:
+        raise BadData(f"no trainable rows (skipped: {skipped})")
+    if skipped:
+        print0(f"skipped {sum(skipped.values())} rows: " + ", ".join(f"{v} {k}" for k, v in skipped.items()))
+    total = args.steps or math.ceil(args.epochs * len(rows) / args.batch_size)
+    warmup = round(args.warmup * total) if args.warmup < 1 else int(args.warmup)
+    order = BatchOrder(len(rows), args.batch_size, args.data_seed)
+
+    model = shard_model(model, device, bf16)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(args.beta1, args.beta2), eps=1e-8,
+                            weight_decay=args.weight_decay, foreach=True)
+    start = 0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, opt)
+        start = state["step"]
+        print0(f"resumed from {resume_from} at step {start}")
+        was = (state["extra"].get("total_steps"), state["extra"].get("rows"))
+        if was != (total, len(rows)):
+            print0(f"warning: the checkpoint's run had (steps, rows) = {was}, this one {(total, len(rows))}: "
+                   f"the learning rate schedule or the data order will differ")
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in params)
+    print0(f"model {n_params / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trained), {len(rows)} rows, "
+           f"{total} steps of {args.batch_size} rows ({world} x {accum} x {args.micro_batch_size}), "
+           f"{'bf16' if bf16 else 'fp32'} on {device}")
+    logger = MetricsLogger(os.path.join(args.out, "metrics.jsonl"), resume_step=start if resume_from else None)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    # bf16 in one process: autocast (FSDP's MixedPrecisionPolicy does it on several)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and world == 1)
+
+    from tqdm import tqdm
+    bar = tqdm(total=total, initial=start, desc="sft", disable=not is_main(), dynamic_ncols=True)
+    last_ckpt, loss_val, stop_at = resume_from, float("nan"), total
+    if args.stop_after:
+        stop_at = min(total, start + args.stop_after)
+    t_run = time.time()
+    for step in range(start, stop_at):
+        t0 = time.time()
+        lr = cosine_lr(step, total, warmup, args.lr, args.min_lr)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        batches = []
+        for mb in micro_batches(order(step), rank, world, args.micro_batch_size):
+            encs = [data.encode_sft(tok, data.format_question(rows[i], suffix), rows[i]["solution"],
+                                    rows[i]["images"], **px) for i in mb]
+            batches.append({k: v.to(device) for k, v in data.collate(encs, pad_id).items()})
+        # N: trained tokens of the global batch, known before the first backward
+        counts = torch.tensor([sum(trained_tokens(b["labels"]) for b in batches),
+                               sum(int(b["attention_mask"].sum()) for b in batches)],
+                              dtype=torch.float64, device=device)
+        n_global, tokens_global = (int(x) for x in all_reduce_sum(counts).tolist())
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for b in batches:
+            with autocast:
+                # the logits of the trained positions only, (N, vocab), from inside the forward
+                # (under FSDP the head's weights are gathered there)
+                logits = model(b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_grid_thw"],
+                               logits=loss_positions(b["labels"]))
+                loss = sft_loss(logits, b["labels"], n_global)
+            # FSDP averages gradients over ranks; the loss is already a global mean, so scale by
+            # the world size to turn that average back into the sum over ranks
+            (loss * world).backward()
+            loss_sum += loss.detach()
+        loss_val = all_reduce_sum(loss_sum).item()
+        if not math.isfinite(loss_val):
+            raise NonFiniteLoss(
+                f"loss is {loss_val} at step {step + 1}: stopping before the update. The last good "
+                f"checkpoint is {last_ckpt or '(none)'}"
+                + (f"; continue with --resume (maybe a lower --lr)" if last_ckpt else ""))
+        grad_norm = clip_grad_norm(params, args.grad_clip)
+        if not math.isfinite(grad_norm):
+            raise NonFiniteLoss(f"gradient norm is {grad_norm} at step {step + 1} (loss {loss_val:.4f}): "
+                                f"stopping before the update. The last good checkpoint is {last_ckpt or '(none)'}")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.time() - t0
+        logger.log(step=step + 1, loss=loss_val, lr=lr, grad_norm=grad_norm, tokens=n_global,
+                   tokens_per_s=tokens_global / dt, elapsed=time.time() - t_start)
+        bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.2f}", refresh=False)
+        bar.update(1)
+        done = step + 1
+        if done == stop_at or (args.save_every and done % args.save_every == 0):
+            path = checkpoint_dir(args.out, done)
+            save_checkpoint(model, tok, path, opt, step=done,
+                            extra=dict(total_steps=total, rows=len(rows), world_size=world))
+            prune_checkpoints(args.out, args.keep_checkpoints)
+            last_ckpt = path
+    bar.close()
+    logger.close()
+    train_s = time.time() - t_run
+    finished = stop_at == total
+    summary = dict(steps=stop_at, total_steps=total, loss=loss_val, rows=len(rows), skipped=skipped,
+                   train_seconds=train_s, checkpoint=last_ckpt)
+    if not finished:
+        print0(f"stopped after step {stop_at} of {total} (--stop-after); continue with --resume")
+        return summary
+    export_model(model, tok, args.out)
+    print0(f"trained {total - start} steps in {train_s:.1f}s; final loss {loss_val:.4f}; model in {args.out}")
+    if args.eval_n:
+        import eval as E
+        recs = data.synth_test_records(args.eval_n) if not args.eval_data else data.load_records(args.eval_data)[0]
+        t0 = time.time()
+        with autocast:
+            results, s = E.evaluate(model, tok, recs, args.eval_batch_size, args.eval_max_new_tokens,
+                                    suffix=suffix, max_pixels=args.max_pixels, min_pixels=args.min_pixels,
+                                    rank=rank, world_size=world)
+        print0(E.format_summary(s))
+        print0(f"evaluated {len(recs)} items in {time.time() - t0:.1f}s")
+        summary["eval"] = s
+        if is_main():
+            with open(os.path.join(args.out, "eval.json"), "w") as f:
+                json.dump(s, f, indent=1)
+    summary["seconds"] = time.time() - t_start
+    print0(f"total wall-clock {summary['seconds']:.1f}s")
+    return summary
+
+
+def clip_grad_norm(params, max_norm):
+    """Total gradient norm over all ranks (before clipping); gradients scaled to max_norm when
+    above it (max_norm <= 0: measure only). Works on plain and on FSDP2 (DTensor) gradients."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    total = torch.nn.utils.get_total_norm(grads, foreach=True)
+    if hasattr(total, "full_tensor"):
+        total = total.full_tensor()  # the shards' partial norms, reduced over ranks
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+    return float(total)
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--model", default="tiny", help="base checkpoint directory (HF layout, with tokenizer), or 'tiny' "
+                                      "to build the tiny model and tokenizer from scratch")
+    a("--tiny", default="", help="'tiny' model sizes overriding data.TINY, e.g. hidden_size=192,num_hidden_layers=6")
+    a("--data", default=None, help="training JSONL (any format data.load_records reads; the target is "
+                                   "each record's solution); default: synthetic problems made in memory")
+    a("--n-train", type=int, default=8000, help="synthetic training problems (without --data)")
+    a("--level", default="easy", choices=["easy", "hard", "mix"], help="synthetic level (without --data)")
+    a("--data-seed", type=int, default=0, help="seed of the synthetic problems and of the data order")
+    a("--suffix", default="", help="text after each question: '', 'r1' (the paper's prompt) or a literal string")
+    a("--out", default="runs/sft1", help="output directory (model, metrics.jsonl, checkpoints/)")
+    a("--steps", type=int, default=900, help="optimizer steps (0: from --epochs)")
+    a("--epochs", type=float, default=1.0, help="passes over the data when --steps is 0")
+    a("--batch-size", type=int, default=32, help="global batch, rows per optimizer step (all ranks)")
+    a("--micro-batch-size", type=int, default=32, help="rows per forward/backward per process; "
+                                                       "accumulation = batch / (micro x processes)")
+    a("--lr", type=float, default=1e-3, help="peak learning rate")
+    a("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine")
+    a("--warmup", type=float, default=0.05, help="warmup steps (< 1: a fraction of the steps)")
+    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    a("--beta1", type=float, default=0.9, help="AdamW beta1")
+    a("--beta2", type=float, default=0.95, help="AdamW beta2")
+    a("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (0: off)")
+    a("--max-seq-len", type=int, default=4096, help="rows longer than this (tokens) are skipped and counted")
+    a("--strict", action="store_true", help="a malformed, solution-less or over-long row is an error, not skipped")
+    a("--max-pixels", type=int, default=512 * 512, help="image resize cap, pixels")
+    a("--min-pixels", type=int, default=data.MIN_PIXELS, help="image resize floor, pixels")
+    a("--freeze-vision", action="store_true", help="train the language model only (vision tower and merger frozen)")
+    a("--activation-checkpointing", action="store_true", help="recompute decoder layers in backward (less memory)")
+    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+      help="compute dtype (auto: bf16 on CUDA, fp32 on CPU); master weights are fp32")
+    a("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    a("--seed", type=int, default=0, help="seed of the tiny model's initialization")
+    a("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end only)")
+    a("--keep-checkpoints", type=int, default=2, help="keep the N most recent step checkpoints (0: all)")
+    a("--resume", action="store_true", help="continue from the latest checkpoint in --out/checkpoints")
+    a("--stop-after", type=int, default=0, help="end this run after N steps with a checkpoint (e.g. a job "
+                                                 "time limit); continue with --resume")
+    a("--eval-n", type=int, default=400, help="at the end, evaluate on this many held-out synthetic test "
+                                              "problems (0: no evaluation)")
+    a("--eval-data", default=None, help="evaluate on this file instead of the synthetic test split")
+    a("--eval-batch-size", type=int, default=100, help="prompts per generation call in the evaluation")
+    a("--eval-max-new-tokens", type=int, default=160, help="completion budget in the evaluation, tokens")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    dist_init(args.device)
+    try:
+        train(args)
+    except (NonFiniteLoss, BadData) as e:
+        print(f"sft.py: error: {e}", file=sys.stderr, flush=True)
+        dist_cleanup()
+        sys.exit(1)
+    dist_cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""Benchmark: sample.generate (greedy) against transformers' generate() with the same weights.
+
+    python tests/bench/bench_sampler.py                       # CPU, small model, batch 16
+    python tests/bench/bench_sampler.py --device cuda --config 3b   # Qwen2.5-VL-3B shape, batch 1 and 64
+
+A random-weight model (model.Config + model.Qwen2_5_VL(...).init_weights()) is saved with
+model.save_model to a temp dir and loaded by both sides: ours with model.load_model, transformers'
+with Qwen2_5_VLForConditionalGeneration.from_pretrained. Each prompt is text + one 224x224
+random-noise image (64 image tokens) + text, of different lengths (so left padding is exercised).
+Both sides decode exactly --new-tokens tokens per row: ours with stop_ids=[] and the EOS banned,
+transformers with min_new_tokens = max_new_tokens (which bans the EOS the same way), the vision
+tokens banned on both sides. Runs alternate (HF, ours, HF, ours, ...) after one warm-up each;
+the medians are reported.
+
+Printed per batch size: tokens/s of each (rows * new tokens / wall time of the whole call, vision
+and prefill included), the ratio, ms per decode step of ours (the generate time minus its
+prefill, per step; and one cached decode-step forward timed directly) against one full-sequence
+forward of the same batch (no cache), and on cuda the share of the memory-bandwidth roofline:
+LM weight bytes * decode steps/s / the bandwidth of a large device-to-device copy.
+
+The last line is `speedup_vs_hf_generate X`: ours / HF tokens/s (with several batch sizes, the
+smallest of them).
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+import data  # noqa: E402
+import model as M  # noqa: E402
+import sample  # noqa: E402
+
+# special ids of the small config (vocab 32768): <|endoftext|> <|im_start|> <|im_end|> ...
+SMALL_IDS = dict(bos_token_id=32000, eos_token_id=32002, vision_start_token_id=32003,
+                 vision_end_token_id=32004, image_token_id=32005, video_token_id=32006)
+
+
+def make_config(name):
+    if name == "small":
+        return M.Config(
+            vocab_size=32768, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, mrope_section=[8, 12, 12],
+            rope_theta=1000000.0, tie_word_embeddings=True, max_position_embeddings=8192,
+            vision=M.VisionConfig(depth=4, hidden_size=128, intermediate_size=256, num_heads=4,
+                                  out_hidden_size=256, fullatt_block_indexes=[3]),
+            **SMALL_IDS)
+    if name == "3b":  # Qwen2.5-VL-3B-Instruct's shapes and special ids (Config defaults)
+        return M.Config(
+            vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+            num_attention_heads=16, num_key_value_heads=2, mrope_section=[16, 24, 24],
+            rope_theta=1000000.0, tie_word_embeddings=True, max_position_embeddings=128000,
+            vision=M.VisionConfig(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                                  out_hidden_size=2048, fullatt_block_indexes=[7, 15, 23, 31]))
+    raise ValueError(name)
+
+
+def write_checkpoint(cfg, path, dtype, std):
+    m = M.Qwen2_5_VL(cfg).init_weights(std=std, seed=0)
+    M.save_model(m.to(dtype), path)
+    del m
+
+
+def make_prompts(cfg, batch, seed=0):
+    """batch prompts: <|im_start|> + text + <|vision_start|> + 64 <|image_pad|> + <|vision_end|>
+    + text + <|im_end|> <|im_start|> + text, the texts random ids of varying lengths."""
+    rng = np.random.default_rng(seed)
+    im_start, im_end = cfg.bos_token_id + 1, cfg.bos_token_id + 2  # Qwen's order after <|endoftext|>
+    text_vocab = min(cfg.bos_token_id, 32000)
+    prompts = []
+    for i in range(batch):
+        img = Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8))
+        pv, grid = data.process_image(img)
+        n_img = int(grid.prod()) // 4
+        words = lambda n: rng.integers(0, text_vocab, n).tolist()  # noqa: E731
+        ids = ([im_start] + words(8 + i % 5) + [cfg.vision_start_token_id]
+               + [cfg.image_token_id] * n_img + [cfg.vision_end_token_id] + words(10 + 3 * (i % 7))
+               + [im_end, im_start] + words(2))
+        prompts.append(dict(input_ids=torch.tensor(ids), pixel_values=pv, image_grid_thw=grid[None]))
+    return prompts
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(dev, fn):
+    sync(dev)
+    t = time.perf_counter()
+    out = fn()
+    sync(dev)
+    return time.perf_counter() - t, out
+
+
+def copy_bandwidth(dev, nbytes=2 * 2**30, reps=10):
+    """Bytes moved per second (read + write) by a large device-to-device copy."""
+    x = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    t, _ = timed(dev, lambda: [y.copy_(x) for _ in range(reps)])
+    del x, y
+    return 2 * nbytes * reps / t
+
+
+def lm_weight_bytes(model):
+    """Bytes of weights a decode step reads: the decoder layers, the final norm and the LM head
+    (tied: the embedding matrix, counted once); not the vision tower, not embedding lookups."""
+    seen, total = set(), 0
+    for mod in (model.model.layers, model.model.norm, model.lm_head):
+        for p in mod.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel() * p.element_size()
+    return total
+
+
+def decode_step_ms(model, batch, dev, steps=16):
+    """ms of one cached decode-step forward (B rows, 1 token each) and of the prefill, timed
+    directly: prefill the batch into a cache, then time single-token forwards."""
+    ids, am = batch["input_ids"], batch["attention_mask"]
+    B, T = ids.shape
+    with torch.no_grad():
+        pos, next_pos = model.rope_index(ids, batch["image_grid_thw"], am)
+        cache = model.new_cache(B, T + steps + 1, device=dev)
+        t_prefill, _ = timed(dev, lambda: model(ids, am, batch["pixel_values"], batch["image_grid_thw"],
+                                                position_ids=pos, cache=cache, logits="last"))
+        tok = torch.randint(0, 1000, (B, 1), device=dev)
+        ones = torch.ones(B, 1, dtype=torch.long, device=dev)
+        times = []
+        for k in range(steps):
+            p = (next_pos + k).view(1, B, 1).expand(3, B, 1)
+            t, _ = timed(dev, lambda: model(tok, ones, position_ids=p, cache=cache, logits="last"))
+            times.append(t)
+    return 1e3 * statistics.median(times[2:]), 1e3 * t_prefill
+
+
+def full_forward_ms(model, batch, dev, reps=3):
+    with torch.no_grad():
+        times = [timed(dev, lambda: model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                                          batch["image_grid_thw"], logits="last"))[0] for _ in range(reps)]
+    return 1e3 * statistics.median(times)
+
+
+def bench_batch(ours, hf, cfg, B, args, dev):
+    from transformers import GenerationConfig
+    N = args.new_tokens
+    prompts = make_prompts(cfg, B)
+    pad = 0
+    vision = sample.vision_token_ids(cfg)
+    eos = cfg.eos_token_id
+    batch = {k: v.to(dev) for k, v in data.collate(prompts, pad, "left").items()}
+    mm = (batch["input_ids"] == cfg.image_token_id).int()
+    T = batch["input_ids"].shape[1]
+
+    def run_ours(n=N):
+        return sample.generate(ours, prompts, n=1, max_new_tokens=n, temperature=0, stop_ids=[],
+                               ban_ids=vision + [eos], pad_id=pad)
+
+    def run_hf(n=N):
+        gc = GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=eos,
+                              pad_token_id=pad, suppress_tokens=vision, bos_token_id=cfg.bos_token_id)
+        with torch.no_grad():
+            return hf.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                               mm_token_type_ids=mm, generation_config=gc)
+
+    run_hf(4), run_ours(4)  # warm-up
+    t_hf, t_ours, agree = [], [], None
+    for _ in range(args.repeats):
+        t, g = timed(dev, run_hf)
+        t_hf.append(t)
+        t, o = timed(dev, run_ours)
+        t_ours.append(t)
+        assert o.tokens.shape == (B, N) and (o.lengths == N).all(), (o.tokens.shape, o.lengths)
+        assert g.shape[1] - T == N, g.shape
+        agree = (o.tokens == g[:, T:].cpu()).float().mean().item()
+    hf_s, ours_s = statistics.median(t_hf), statistics.median(t_ours)
+    step_ms, prefill_ms = decode_step_ms(ours, batch, dev)
+    full_ms = full_forward_ms(ours, batch, dev)
+    r = dict(batch=B, prompt_len=T, hf_tok_s=B * N / hf_s, ours_tok_s=B * N / ours_s,
+             speedup=hf_s / ours_s, hf_s=hf_s, ours_s=ours_s, agree=agree,
+             step_ms=step_ms, prefill_ms=prefill_ms, full_ms=full_ms,
+             ours_step_ms=1e3 * (ours_s - prefill_ms / 1e3) / max(N - 1, 1),
+             hf_step_ms=1e3 * hf_s / N)
+    if dev.type == "cuda":
+        decode_steps_per_s = (N - 1) / max(ours_s - prefill_ms / 1e3, 1e-9)
+        r["roofline"] = args.weight_bytes * decode_steps_per_s / args.bandwidth
+        r["roofline_whole"] = args.weight_bytes * (N / ours_s) / args.bandwidth
+    return r
+
+
+def profile_decode(model, cfg, B, dev, steps=8):
+    """Where a decode step's time goes (ours): torch.profiler over a few generate steps."""
+    from torch.profiler import ProfilerActivity, profile
+    prompts = make_prompts(cfg, B)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    sample.generate(model, prompts, max_new_tokens=4, temperature=0, stop_ids=[])
+    with profile(activities=acts) as prof:
+        sample.generate(model, prompts, max_new_tokens=steps, temperature=0, stop_ids=[])
+    key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=25))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--config", default="small", choices=["small", "3b"])
+    p.add_argument("--batch", default=None, help="batch size(s), comma-separated (default: 16 for small, 1,64 for 3b)")
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each side (median reported)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch CPU threads (on a machine shared with other busy processes, 1: with 2 threads every op waits for a descheduled peer thread)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: float32 on cpu, bfloat16 on cuda")
+    p.add_argument("--std", type=float, default=None, help="init std (default 0.05 small, 0.02 3b)")
+    p.add_argument("--profile", action="store_true", help="also print a torch.profiler table of our decode")
+    p.add_argument("--vision-chunk", type=int, default=None,
+                   help="experiment: set model.VisionTransformer.max_chunk_patches (ours only; default: as in model.py)")
+    args = p.parse_args(argv)
+    if args.vision_chunk:
+        M.VisionTransformer.max_chunk_patches = args.vision_chunk
+    torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but torch.cuda.is_available() is False")
+    dev = torch.device(args.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype) or (
+        torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    batches = [int(b) for b in (args.batch or ("16" if args.config == "small" else "1,64")).split(",")]
+    std = args.std if args.std is not None else (0.05 if args.config == "small" else 0.02)
+
+    import transformers
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    transformers.logging.set_verbosity_error()
+    cfg = make_config(args.config)
+    with tempfile.TemporaryDirectory(prefix="bench_sampler_") as d:
+        t0 = time.perf_counter()
+        write_checkpoint(cfg, d, dtype, std)
+        ours = M.load_model(d, dtype=dtype, device=dev).eval()
+        hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(d, dtype=dtype).to(dev).eval()
+        print(f"built, saved and loaded the {args.config} model in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    cfg = ours.config
+    nparams = sum(p.numel() for p in ours.parameters())
+    args.weight_bytes = lm_weight_bytes(ours)
+    args.bandwidth = copy_bandwidth(dev) if dev.type == "cuda" else None
+    print(f"device {dev} ({torch.cuda.get_device_name() if dev.type == 'cuda' else f'{args.threads} threads'}), "
+          f"dtype {str(dtype).replace('torch.', '')}, config {args.config}: hidden {cfg.hidden_size}, "
+          f"layers {cfg.num_hidden_layers}, vocab {cfg.vocab_size}, {nparams / 1e6:.1f}M params, "
+          f"LM weights {args.weight_bytes / 2**20:.1f} MiB; new tokens {args.new_tokens}, greedy, "
+          f"median of {args.repeats}, torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"our vision chunk {M.VisionTransformer.max_chunk_patches} patches")
+    if args.bandwidth:
+        print(f"device-to-device copy bandwidth {args.bandwidth / 1e9:.0f} GB/s")
+    rows = []
+    for B in batches:
+        r = bench_batch(ours, hf, cfg, B, args, dev)
+        rows.append(r)
+        print(f"batch {B}: prompt {r['prompt_len']} tokens, HF {r['hf_s']:.2f}s, ours {r['ours_s']:.2f}s, "
+              f"greedy token agreement {r['agree']:.3f}", file=sys.stderr)
+    hdr = (f"{'batch':>5} {'HF tok/s':>10} {'ours tok/s':>10} {'speedup':>8} {'HF ms/step':>10} "
+           f"{'ours ms/step':>12} {'fwd 1 step':>10} {'prefill':>9} {'full fwd':>9} {'agree':>6}")
+    if dev.type == "cuda":
+        hdr += f" {'roofline':>8} {'(whole)':>8}"
+    print(hdr)
+    for r in rows:
+        line = (f"{r['batch']:>5} {r['hf_tok_s']:>10.1f} {r['ours_tok_s']:>10.1f} {r['speedup']:>8.2f} "
+                f"{r['hf_step_ms']:>10.2f} {r['ours_step_ms']:>12.2f} {r['step_ms']:>10.2f} "
+                f"{r['prefill_ms']:>9.1f} {r['full_ms']:>9.1f} {r['agree']:>6.3f}")
+        if dev.type == "cuda":
+            line += f" {100 * r['roofline']:>7.1f}% {100 * r['roofline_whole']:>7.1f}%"
+        print(line)
+    print("columns: tok/s = rows * new tokens / wall time of the whole generate call; ms/step: HF = "
+          "its time / new tokens, ours = (time - prefill) / (new tokens - 1); fwd 1 step = one cached "
+          "decode-step forward of ours timed alone; prefill = our prefill forward (vision included); "
+          "full fwd = one uncached forward of the whole batch (ms); agree = share of greedy tokens "
+          "equal to HF's" + ("; roofline = LM weight bytes * decode steps/s / copy bandwidth "
+                             "(whole: steps/s over the whole call)" if dev.type == "cuda" else ""))
+    if args.profile:
+        profile_decode(ours, cfg, batches[-1], dev)
+    print(f"speedup_vs_hf_generate {min(r['speedup'] for r in rows):.2f}")
+
+
+if __name__ == "__main__":
+    main()
