@@ -287,7 +287,7 @@ class PatchMerger(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    max_chunk_patches = 1024  # images are batched into attention chunks of at most this many patches
+    max_chunk_patches = 512  # images are batched into attention chunks of at most this many patches
 
     def __init__(self, vc):
         super().__init__()

@@ -4,8 +4,9 @@ cosine decay, gradient clipping and accumulation, FSDP2 under torchrun; and the 
 kit (init, FSDP wrapping, checkpoints, metrics) that grpo.py and eval.py import.
 
     python sft.py                                   # the embedded demo: tiny model, easy synthetic problems
-    python sft.py --model Qwen2.5-VL-7B-Instruct --data traces.jsonl --freeze-vision \\
-        --lr 5e-6 --batch-size 32 --epochs 1 --out runs/sft1
+    python sft.py --model Qwen2.5-VL-7B-Instruct --data traces.jsonl --freeze-vision --steps 0 \\
+        --epochs 1 --lr 5e-6 --min-lr 0 --warmup 0.1 --beta2 0.999 --batch-size 32 \\
+        --micro-batch-size 2 --activation-checkpointing --out runs/sft1     # the real recipe
     torchrun --nproc_per_node=8 sft.py --model DIR --data FILE ...   # FSDP2, one shard per GPU
     python sft.py ... --resume                      # continue from the latest checkpoint in --out
 
@@ -28,6 +29,13 @@ steps and at the end, each written to a .tmp directory and renamed into place wh
 Distributed: `fully_shard` (FSDP2) on each decoder layer, each vision block, then the root (which
 keeps the embedding and the tied lm_head together). gloo on CPU, nccl on CUDA. A single process
 runs the plain model (no process group, no wrapping): the same math with nothing in between.
+
+The embedded demo (`python sft.py`, no flags): a 0.84M-parameter tiny Qwen2.5-VL built from
+scratch (DEMO_TINY), 2000 steps of 32 easy synthetic problems (8000 made in memory), AdamW lr 3e-3,
+then greedy accuracy on the 400 held-out test problems (easy and hard mixed). Measured on the
+2-core CPU with nothing else running: ~8 min wall-clock, 40-45% overall over two seeds (easy
+52-68%, hard 22-28%). Counting and bar colours are learned first; which of the digit-reading
+families (table, geometry, bar values) also clicks within the budget varies with the seed.
 """
 
 import argparse
@@ -47,6 +55,9 @@ import data
 import model as M
 
 IGNORE_INDEX = data.IGNORE_INDEX
+# the demo's tiny model: data.TINY with a narrower language model (64 wide instead of 128), which
+# makes a step 1.7x cheaper; in the same 10 minutes the extra steps matter more than the width
+DEMO_TINY = "hidden_size=64,num_attention_heads=2,num_key_value_heads=1,intermediate_size=192"
 
 # -----------------------------------------------------------------------------
 # the distributed kit (grpo.py and eval.py import these)
@@ -450,10 +461,11 @@ def train(args):
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype) or (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
     bf16 = dtype == torch.bfloat16
-    if args.batch_size % (args.micro_batch_size * world):
+    micro = args.micro_batch_size or args.batch_size // world
+    if micro < 1 or args.batch_size % (micro * world):
         raise ValueError(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size "
-                         f"{args.micro_batch_size} x {world} processes")
-    accum = args.batch_size // (args.micro_batch_size * world)
+                         f"{micro} x {world} processes")
+    accum = args.batch_size // (micro * world)
     suffix = data.SUFFIXES.get(args.suffix, args.suffix)
     px = dict(min_pixels=args.min_pixels, max_pixels=args.max_pixels)
 
@@ -495,7 +507,7 @@ def train(args):
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in params)
     print0(f"model {n_params / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trained), {len(rows)} rows, "
-           f"{total} steps of {args.batch_size} rows ({world} x {accum} x {args.micro_batch_size}), "
+           f"{total} steps of {args.batch_size} rows ({world} x {accum} x {micro}), "
            f"{'bf16' if bf16 else 'fp32'} on {device}")
     logger = MetricsLogger(os.path.join(args.out, "metrics.jsonl"), resume_step=start if resume_from else None)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -514,7 +526,7 @@ def train(args):
         for g in opt.param_groups:
             g["lr"] = lr
         batches = []
-        for mb in micro_batches(order(step), rank, world, args.micro_batch_size):
+        for mb in micro_batches(order(step), rank, world, micro):
             encs = [data.encode_sft(tok, data.format_question(rows[i], suffix), rows[i]["solution"],
                                     rows[i]["images"], **px) for i in mb]
             batches.append({k: v.to(device) for k, v in data.collate(encs, pad_id).items()})
@@ -570,7 +582,7 @@ def train(args):
         return summary
     export_model(model, tok, args.out)
     print0(f"trained {total - start} steps in {train_s:.1f}s; final loss {loss_val:.4f}; model in {args.out}")
-    if args.eval_n:
+    if args.eval_n and (args.eval_data or not args.data):
         import eval as E
         recs = data.synth_test_records(args.eval_n) if not args.eval_data else data.load_records(args.eval_data)[0]
         t0 = time.time()
@@ -612,7 +624,7 @@ def parser():
     a = p.add_argument
     a("--model", default="tiny", help="base checkpoint directory (HF layout, with tokenizer), or 'tiny' "
                                       "to build the tiny model and tokenizer from scratch")
-    a("--tiny", default="", help="'tiny' model sizes overriding data.TINY, e.g. hidden_size=192,num_hidden_layers=6")
+    a("--tiny", default=DEMO_TINY, help="'tiny' model sizes overriding data.TINY (comma-separated key=value)")
     a("--data", default=None, help="training JSONL (any format data.load_records reads; the target is "
                                    "each record's solution); default: synthetic problems made in memory")
     a("--n-train", type=int, default=8000, help="synthetic training problems (without --data)")
@@ -620,12 +632,12 @@ def parser():
     a("--data-seed", type=int, default=0, help="seed of the synthetic problems and of the data order")
     a("--suffix", default="", help="text after each question: '', 'r1' (the paper's prompt) or a literal string")
     a("--out", default="runs/sft1", help="output directory (model, metrics.jsonl, checkpoints/)")
-    a("--steps", type=int, default=900, help="optimizer steps (0: from --epochs)")
+    a("--steps", type=int, default=2000, help="optimizer steps (0: from --epochs)")
     a("--epochs", type=float, default=1.0, help="passes over the data when --steps is 0")
     a("--batch-size", type=int, default=32, help="global batch, rows per optimizer step (all ranks)")
-    a("--micro-batch-size", type=int, default=32, help="rows per forward/backward per process; "
-                                                       "accumulation = batch / (micro x processes)")
-    a("--lr", type=float, default=1e-3, help="peak learning rate")
+    a("--micro-batch-size", type=int, default=0, help="rows per forward/backward per process (0: batch / "
+                                                      "processes); accumulation = batch / (micro x processes)")
+    a("--lr", type=float, default=3e-3, help="peak learning rate")
     a("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine")
     a("--warmup", type=float, default=0.05, help="warmup steps (< 1: a fraction of the steps)")
     a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
@@ -648,7 +660,7 @@ def parser():
     a("--stop-after", type=int, default=0, help="end this run after N steps with a checkpoint (e.g. a job "
                                                  "time limit); continue with --resume")
     a("--eval-n", type=int, default=400, help="at the end, evaluate on this many held-out synthetic test "
-                                              "problems (0: no evaluation)")
+                                              "problems, when training on synthetic ones (0: no evaluation)")
     a("--eval-data", default=None, help="evaluate on this file instead of the synthetic test split")
     a("--eval-batch-size", type=int, default=100, help="prompts per generation call in the evaluation")
     a("--eval-max-new-tokens", type=int, default=160, help="completion budget in the evaluation, tokens")
