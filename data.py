@@ -11,6 +11,8 @@ the model eats.
 - batching: right or left padding, attention masks from lengths (the pad id may equal EOS).
 - a tiny byte-level tokenizer with Qwen's special tokens and chat template, saved in the same
   layout as a real checkpoint so one loading path (AutoTokenizer) serves both.
+- the first SFT set's filters: R1 traces (sample.py --task reason) -> the shortest correct trace
+  per record, over-long ones dropped, rambling reflections cut (`python data.py traces`).
 """
 
 import argparse
@@ -640,6 +642,18 @@ def write_jsonl(path, rows):
         raise
 
 
+def record_row(record, **fields):
+    """A record as a JSONL row of our form, which read_ours reads back to the same record, with
+    `fields` added (a read puts them in meta; they replace meta keys of the same name). Images
+    must be paths (load_records gives absolute ones); the old source becomes meta["origin"]."""
+    row = {k: record.get(k) for k in ("id", "images", "question", "choices_in_question", "answer",
+                                      "choices", "solution")}
+    row["meta"] = {k: v for k, v in (record.get("meta") or {}).items() if k not in fields}
+    row["source"] = record.get("source")
+    row.update(fields)
+    return row
+
+
 def format_question(record, suffix=None):
     """The prompt text: the question, then "Choices:\\nA. x\\nB. y" unless the question already
     shows them, then the optional suffix (e.g. the RL instruction) on a new line."""
@@ -1103,12 +1117,219 @@ def make_tiny_checkpoint(path, seed=0, **overrides):
     return m, tok
 
 
+def make_tiny_text_checkpoint(path, seed=0, **overrides):
+    """The same, text-only (model_type qwen2, no vision tower): a stand-in for the R1 reasoner."""
+    import model as M
+    tok = save_tiny_tokenizer(path)
+    cfg = tiny_config(tok, **overrides)
+    cfg.model_type, cfg.vision, cfg.mrope_section = "qwen2", None, None  # plain 1D RoPE
+    torch.manual_seed(seed)
+    m = M.Qwen2_5_VL(cfg).init_weights(seed=seed)
+    M.save_model(m, path)
+    return m, tok
+
+# -----------------------------------------------------------------------------
+# R1 traces -> SFT records: the paper's filters for the first SFT set (`python data.py traces`)
+#
+# sample.py --task reason writes each record back with `traces`: k completions of a text-only
+# R1 model, shaped like
+#     <think> reasoning ... so the answer is 42. Wait, let me check ... </think> summary \boxed{42}
+# A trace is dropped, in this order, when it ran out of budget (unfinished); has no </think>
+# (no_think) or no final answer (no_answer: reward.extract_answer finds <answer>, else \boxed,
+# else "the answer is"); has more than max_words words (too_long, counted on the raw completion:
+# the paper drops long traces, then cuts); or its answer is wrong (wrong: reward.accuracy_reward
+# on the rewritten trace). Rambling self-reflections are cut: the reasoning ends at the first
+# marker ("Wait,", "But wait,", "But the question") that comes after the final answer first shows
+# up in it, so what is kept reached the answer, and the answer itself (after </think>) stays.
+# A marker before the answer is kept: that reflection may be what found it. Of a record's correct
+# traces the shortest (in words) is kept (the rest: not_shortest), rewritten in our form
+#     <think>reasoning</think> summary <answer>42</answer>
+# with the summary the text after </think>, \boxed{} unwrapped.
+
+MAX_TRACE_WORDS = 500
+REFLECTION_MARKERS = ("Wait,", "But wait,", "But the question")
+DROP_REASONS = ("unfinished", "no_think", "no_answer", "too_long", "wrong", "not_shortest")
+
+
+def n_words(text):
+    """Words in a trace, its tags not counted."""
+    return len(re.sub(r"</?(?:think|answer)>", " ", text).split())
+
+
+def split_think(text):
+    """An R1 completion -> (reasoning, the text after the last </think>), both stripped, or None
+    when there is no </think>. The opening <think> is optional (R1-Distill's prompt opens it)."""
+    end = text.rfind("</think>")
+    if end < 0:
+        return None
+    think = text[:end]
+    start = think.find("<think>")
+    if start >= 0:
+        think = think[start + len("<think>"):]
+    return think.strip(), text[end + len("</think>"):].strip()
+
+
+def unbox(text, keep=True):
+    """'so \\boxed{\\frac{1}{2}}.' -> 'so \\frac{1}{2}.' (nested braces kept; keep=False drops the
+    content too); an unclosed \\boxed{ is left as it is."""
+    out, i = [], 0
+    while (j := text.find("\\boxed{", i)) >= 0:
+        k, depth = j + len("\\boxed{"), 1
+        while k < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[k], 0)
+            k += 1
+        if depth:
+            break
+        out += [text[i:j], text[j + len("\\boxed{"):k - 1] if keep else ""]
+        i = k
+    return "".join(out) + text[i:]
+
+
+def summary_text(rest):
+    """The text after </think> as a summary: a line that is only a boxed answer ('$\\boxed{6}$',
+    with the display-math lines around it) or a '**Final Answer**' heading is dropped (the answer
+    goes in <answer>), other \\boxed{} unwrapped, blank runs squeezed."""
+    lines, close = [], None  # close: the delimiter line to drop after a dropped boxed line
+    rest = re.sub(r"</?answer>", "", re.sub(r"<answer>.*?</answer>", "", rest, flags=re.S))
+    for line in rest.split("\n"):
+        d = line.strip()
+        if close is not None:
+            close, skip = None, d == close
+            if skip:
+                continue
+        if "\\boxed{" in line and not re.sub(r"[\s$.\\()\[\]]", "", unbox(line, keep=False)):
+            last = lines[-1].strip() if lines else ""
+            if last == "\\[" or last == "$$" and sum(l.strip() == "$$" for l in lines) % 2:  # an opener
+                close = {"$$": "$$", "\\[": "\\]"}[lines.pop().strip()]
+            continue
+        if re.fullmatch(r"\W*final answer\W*", line, re.IGNORECASE):
+            continue
+        lines.append(unbox(line))
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def answer_forms(pred, record):
+    """The strings that name the final answer in a trace: the prediction, the ground truth and,
+    for multiple choice, the truth's letter and option text."""
+    forms = {pred, record["answer"]}
+    choices = record.get("choices") or []
+    a = record["answer"].strip()
+    if len(a) == 1 and a in LETTERS[:len(choices)]:
+        forms.add(choices[LETTERS.index(a)])
+    elif a in choices:
+        forms.add(LETTERS[choices.index(a)])
+    return {f.strip() for f in forms if f and f.strip()}
+
+
+def answer_mention(text, forms):
+    """End of the first whole-word mention of any form in text (case-insensitive), or None. A
+    one-letter option counts only as '(B)' or after option/choice/answer, not as any capital B."""
+    ends = []
+    for f in forms:
+        if len(f) == 1 and f.isalpha():
+            pat = rf"\({f}\)|\b(?:option|choice|answer(?:\s+is)?)\s*:?\s*\(?{f}\b"
+        else:  # not inside a longer number or word: 12 is not in 120 or 1.25
+            pat = rf"(?<![\w.]){re.escape(f)}(?!\w|\.\d)"
+        m = re.search(pat, text, re.IGNORECASE)
+        if m:
+            ends.append(m.end())
+    return min(ends) if ends else None
+
+
+def cut_reflections(think, forms, markers=REFLECTION_MARKERS):
+    """-> (reasoning cut at the first marker after the answer's first mention, cut or not)."""
+    at = answer_mention(think, forms)
+    hits = [i for i in (think.find(m, at) for m in markers if m) if i >= 0] if at is not None else []
+    if not hits:
+        return think, False
+    return think[:min(hits)].rstrip(), True
+
+
+def filter_traces(record, traces, max_words=MAX_TRACE_WORDS, markers=REFLECTION_MARKERS):
+    """One record's R1 traces -> (the SFT solution or None, whether its reflections were cut,
+    {reason: count} over the traces: the DROP_REASONS and "kept")."""
+    import reward  # below this file in reading order, but pure standard library
+    counts, good = dict.fromkeys(DROP_REASONS + ("kept",), 0), []
+    for j, t in enumerate(traces):
+        parts = split_think(t["text"])
+        pred = reward.extract_answer(parts[1]) if parts else None
+        if not t.get("finished", True):
+            why = "unfinished"
+        elif parts is None:
+            why = "no_think"
+        elif not pred:
+            why = "no_answer"
+        elif n_words(t["text"]) > max_words:
+            why = "too_long"
+        else:
+            think, cut = cut_reflections(parts[0], answer_forms(pred, record), markers)
+            summary = summary_text(parts[1])
+            solution = f"<think>{think}</think> " + (summary + " " if summary else "") + f"<answer>{pred}</answer>"
+            if reward.accuracy_reward(solution, record["answer"], record.get("choices")) == 1.0:
+                good.append((n_words(solution), j, solution, cut))
+                continue
+            why = "wrong"
+        counts[why] += 1
+    if not good:
+        return None, False, counts
+    _, _, solution, cut = min(good)  # fewest words; the earlier sample on a tie
+    counts["kept"], counts["not_shortest"] = 1, len(good) - 1
+    return solution, cut, counts
+
+
+def traces_to_sft(records, max_words=MAX_TRACE_WORDS, markers=REFLECTION_MARKERS):
+    """Records carrying meta["traces"] (load_records of the reason step's output) -> (SFT rows of
+    our form, solution = the kept trace, images as they were; {reason: count} over all traces,
+    plus "records", "records_kept", "cut")."""
+    rows, counts = [], dict.fromkeys(DROP_REASONS + ("kept", "records", "records_kept", "cut"), 0)
+    for rec in records:
+        traces = rec["meta"].get("traces")
+        if not isinstance(traces, list) or not all(isinstance(t, dict) and isinstance(t.get("text"), str)
+                                                   for t in traces):
+            raise ValueError(f"{rec['source']}: key 'traces' must be a list of {{text, ...}} "
+                             f"(the output of sample.py --task reason)")
+        solution, cut, c = filter_traces(rec, traces, max_words, markers)
+        for k, v in c.items():
+            counts[k] += v
+        counts["records"] += 1
+        if solution is None:
+            continue
+        counts["records_kept"] += 1
+        counts["cut"] += cut
+        meta = {k: v for k, v in rec["meta"].items() if k != "traces"}
+        rows.append(record_row({**rec, "meta": meta}, solution=solution, reflection_cut=cut))
+    return rows, counts
+
+
+def traces_main(argv=None):
+    ap = argparse.ArgumentParser(prog="traces", description="filter R1 traces (sample.py --task "
+                                 "reason) into SFT records: shortest correct trace per record")
+    ap.add_argument("--data", required=True, help="the reason step's JSONL (records with `traces`)")
+    ap.add_argument("--out", required=True, help="SFT JSONL to write (our record form; solution = "
+                    "<think>...</think> summary <answer>X</answer>; images as in --data)")
+    ap.add_argument("--max-words", type=int, default=MAX_TRACE_WORDS,
+                    help="drop traces with more words than this (the raw completion)")
+    ap.add_argument("--markers", default="|".join(REFLECTION_MARKERS), help="'|'-separated "
+                    "reflection markers: the reasoning is cut at the first one after the answer "
+                    "appears ('' = no cutting)")
+    args = ap.parse_args(argv)
+    records, _ = load_records(args.data)
+    rows, c = traces_to_sft(records, args.max_words, tuple(m for m in args.markers.split("|") if m))
+    write_jsonl(args.out, rows)
+    n = sum(c[k] for k in DROP_REASONS + ("kept",))
+    print(f"traces: {n} read, {c['kept']} kept; dropped: "
+          + ", ".join(f"{k} {c[k]}" for k in DROP_REASONS))
+    print(f"records: {c['records']} read, {c['records_kept']} with a kept trace -> {args.out} "
+          f"({c['records'] - c['records_kept']} without); reflections cut in {c['cut']}")
+    return c
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"synth": synth_main}
+    commands = {"synth": synth_main, "traces": traces_main}
     if not argv or argv[0] not in commands:
         sys.exit(f"usage: python data.py {{{','.join(commands)}}} ... (python data.py synth --help)")
-    commands[argv[0]](argv[1:])
+    return commands[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

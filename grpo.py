@@ -170,13 +170,21 @@ def get_args(argv=None):
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N rollouts")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--seed", type=int, default=0, help="seed for prompt order and sampling")
+    p.add_argument("--staircase", action="store_true", help="the whole embedded demo: SFT1 -> GRPO1 -> "
+                   "SFT2 -> GRPO2 into runs/ (see staircase()); other flags are ignored")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 compute (default: on CUDA)")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     a = get_args(argv)
-    rank, world, device = sft.dist_init()
+    if a.staircase:
+        return staircase()
+    if a.model == "runs/sft1" and not os.path.exists(a.model):
+        raise SystemExit("grpo.py: no runs/sft1; the demo starts from the SFT model: run `python sft.py` "
+                         "first (or `python grpo.py --staircase` for the whole loop)")
+    rank, world, device = sft.dist_init(a.device)
     bf16 = a.bf16 if a.bf16 is not None else str(device).startswith("cuda")
     if a.prompts_per_rollout % a.prompts_per_step or a.prompts_per_step % world:
         raise SystemExit("--prompts-per-rollout must be a multiple of --prompts-per-step, and that of the number of processes")
@@ -205,7 +213,7 @@ def main(argv=None):
     log = sft.MetricsLogger(os.path.join(a.out, "metrics.jsonl"), resume_step=start if ck else None)
     suffix = data.SUFFIXES.get(a.suffix, a.suffix)
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(a.seed)).tolist()
-    P_local = a.prompts_per_rollout // world
+    P_local, pps_local = a.prompts_per_rollout // world, a.prompts_per_step // world
     G = a.group_size
     t_start = time.time()
     from tqdm import tqdm
@@ -213,13 +221,15 @@ def main(argv=None):
         times = {}
         # 1. prompts of this rollout (this rank's share), encoded once
         t0 = time.time()
-        first = step * a.prompts_per_rollout + rank * P_local
-        idx = [order[(first + i) % len(order)] for i in range(P_local)]
-        recs = [records[i] for i in idx]
+        # minibatch j of the rollout is global prompts [j * pps, (j + 1) * pps); each rank holds
+        # its slice of every minibatch, so N ranks take the same optimizer steps as 1 process
+        gidx = [step * a.prompts_per_rollout + j * a.prompts_per_step + rank * pps_local + i
+                for j in range(a.prompts_per_rollout // a.prompts_per_step) for i in range(pps_local)]
+        recs = [records[order[g % len(order)]] for g in gidx]
         encs = [data.encode_prompt(tok, data.format_question(r, suffix), r["images"], max_pixels=a.max_pixels) for r in recs]
         # 2. sample
         s = sample.generate(policy, encs, n=G, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                            top_p=a.top_p, seed=a.seed, keys=[step * a.prompts_per_rollout + rank * P_local + i for i in range(P_local)],
+                            top_p=a.top_p, seed=a.seed, keys=gidx,
                             tokenizer=tok, pad_id=pad_id, max_prompt_len=a.max_prompt_len)
         times["sample"] = time.time() - t0
         # 3. score
@@ -255,7 +265,7 @@ def main(argv=None):
         t0 = time.time()
         policy.train()
         stats = dict(loss=0.0, kl=0.0, clipped=0, tokens=0, entropy=0.0, grad_norm=0.0)
-        rows_per_step = a.prompts_per_step // world * G
+        rows_per_step = pps_local * G
         for _ in range(a.mu):
             for s0 in range(0, len(items), rows_per_step):
                 step_items = items[s0:s0 + rows_per_step]
@@ -296,11 +306,11 @@ def main(argv=None):
                              float(P_local), n_tok_gen, stats["loss"]], device=device)
         if world > 1:
             torch.distributed.all_reduce(vals)
-        R = vals[3].item()
+        R, n_opt = vals[3].item(), a.mu * a.prompts_per_rollout // a.prompts_per_step
         row = dict(step=step + 1, reward=vals[0].item() / R, accuracy=vals[1].item() / R, format=vals[2].item() / R,
                    kl=vals[4].item() / max(vals[6].item(), 1), clip_frac=vals[5].item() / max(vals[6].item(), 1),
                    entropy=vals[7].item() / max(vals[6].item(), 1), response_length=vals[10].item() / R,
-                   signal_frac=vals[8].item() / vals[9].item(), loss=vals[11].item() / world / a.mu,
+                   signal_frac=vals[8].item() / vals[9].item(), loss=vals[11].item() / n_opt,
                    grad_norm=stats["grad_norm"], lr=a.lr,
                    **{f"time_{k}": v for k, v in times.items()},
                    tokens_per_s=vals[10].item() / max(sum(times.values()), 1e-9), elapsed=time.time() - t_start)
@@ -316,6 +326,82 @@ def main(argv=None):
     sft.export_model(policy, tok, a.out)  # the final policy, HF layout, at the top of --out
     log.close()
     sft.dist_cleanup()
+
+
+# -----------------------------------------------------------------------------
+# the paper's staircase on the embedded world: SFT1 -> GRPO1 -> SFT2 -> GRPO2
+
+
+def staircase(root="runs", n_distill=4000, k=4):
+    """Iteration 1: SFT on the generator's gold traces (easy problems), then GRPO (hard ones).
+    Iteration 2, as the paper builds it: the GRPO1 model answers n_distill training problems k
+    times each (sample.py --task distill), data.py traces keeps the shortest correct answer of
+    each, sft.py trains on that from the base (the random tiny model here, Qwen2.5-VL-7B in the
+    paper), and GRPO runs again from there. Each stage is evaluated greedily on the held-out
+    test; the table goes to runs/staircase.md. Stages already done (their model exists) are
+    skipped, so a rerun continues. One process (run the stages by hand for torchrun)."""
+    import json as _json
+    import eval as E
+    import sample as S
+    d = lambda *p: os.path.join(root, *p)
+    stages = [
+        ("SFT1", d("sft1"), f"python sft.py --out {d('sft1')}",
+         lambda: sft.train(sft.parser().parse_args(["--out", d("sft1"), "--eval-n", "0"]))),
+        ("GRPO1", d("grpo1"), f"python grpo.py --model {d('sft1')} --out {d('grpo1')}",
+         lambda: main(["--model", d("sft1"), "--out", d("grpo1"), "--eval-every", "0"])),
+        ("SFT2", d("sft2"), f"python data.py synth --out {d('distill')} --n {n_distill} --level mix --seed 2\n"
+         f"python sample.py --task distill --model {d('grpo1')} --data {d('distill', 'data.jsonl')} "
+         f"--out {d('distill', 'samples.jsonl')} --n {k} --max-new-tokens 160 --batch-size 64\n"
+         f"python data.py traces --data {d('distill', 'samples.jsonl')} --out {d('sft2.jsonl')}\n"
+         f"python sft.py --data {d('sft2.jsonl')} --out {d('sft2')}", None),
+        ("GRPO2", d("grpo2"), f"python grpo.py --model {d('sft2')} --out {d('grpo2')}",
+         lambda: main(["--model", d("sft2"), "--out", d("grpo2"), "--eval-every", "0"])),
+    ]
+
+    def sft2():
+        if not os.path.exists(d("distill", "data.jsonl")):
+            data.write_split(d("distill"), n_distill, "mix", seed=2)
+        S.main(["--task", "distill", "--model", d("grpo1"), "--data", d("distill", "data.jsonl"),
+                "--out", d("distill", "samples.jsonl"), "--n", str(k), "--max-new-tokens", "160",
+                "--batch-size", "64", "--device", "cpu"])
+        data.main(["traces", "--data", d("distill", "samples.jsonl"), "--out", d("sft2.jsonl")])
+        sft.train(sft.parser().parse_args(["--data", d("sft2.jsonl"), "--out", d("sft2"), "--eval-n", "0"]))
+    stages[2] = stages[2][:3] + (sft2,)
+
+    test = data.synth_test_records()
+    table_path, rows = d("staircase.json"), {}
+    if os.path.exists(table_path):
+        with open(table_path) as f:
+            rows = _json.load(f)
+    for name, out, cmd, run in stages:
+        if name not in rows or not os.path.exists(os.path.join(out, "config.json")):
+            print(f"\n=== {name}: {cmd}", flush=True)
+            t0 = time.time()
+            run()
+            seconds = time.time() - t0
+            tok = data.load_tokenizer(out)
+            m = M.load_model(out).eval()
+            _, s = E.evaluate(m, tok, test, batch_size=100, max_new_tokens=160, progress=False)
+            rows[name] = dict(accuracy=s["accuracy"], family={k: v[0] for k, v in s["by"]["family"].items()},
+                              level={k: v[0] for k, v in s["by"].get("level", {}).items()},
+                              seconds=seconds, command=cmd)
+            with open(table_path, "w") as f:
+                _json.dump(rows, f, indent=1)
+        r = rows[name]
+        print(f"{name}: test accuracy {r['accuracy']:.1%} ({r['seconds'] / 60:.1f} min)", flush=True)
+    fams = sorted(next(iter(rows.values()))["family"])
+    lines = ["| stage | test accuracy | " + " | ".join(fams) + " | wall-clock | command |",
+             "|---|---|" + "---|" * len(fams) + "---|---|"]
+    for name, *_ in stages:
+        r = rows[name]
+        lines.append(f"| {name} | {r['accuracy']:.1%} | " + " | ".join(f"{r['family'][f]:.1%}" for f in fams)
+                     + f" | {r['seconds'] / 60:.1f} min | `{r['command'].splitlines()[-1]}` |")
+    total = sum(r["seconds"] for r in rows.values())
+    lines.append(f"\ntotal {total / 60:.1f} min")
+    with open(d("staircase.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return rows
 
 
 if __name__ == "__main__":

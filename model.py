@@ -104,6 +104,14 @@ def config_from_dict(d, source="config.json"):
     section = rope.get("mrope_section")
     if model_type == "qwen2_5_vl" and section is None:
         raise ValueError(f"{source}: missing field 'rope_scaling.mrope_section'")
+    # text-only qwen2 (DeepSeek-R1-Distill-Qwen): plain RoPE is M-RoPE with t = h = w, which is
+    # what mrope_section None gives (TextModel.rope). Long-context variants we do not implement
+    # (YaRN rope scaling, sliding-window layers) are refused rather than silently run wrong.
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "mrope"):
+        raise ValueError(f"{source}: rope type {rope_type!r} not supported (default or mrope only)")
+    if text.get("use_sliding_window") and "sliding_attention" in (text.get("layer_types") or ["sliding_attention"]):
+        raise ValueError(f"{source}: use_sliding_window true is not supported (full attention only)")
     tie = d.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
     cfg = Config(
         vocab_size=text["vocab_size"], hidden_size=text["hidden_size"],
