@@ -11,8 +11,9 @@ a plain name map. Agreement with transformers' Qwen2_5_VLForConditionalGeneratio
 float32 precision (tests/test_model.py). No transformers import here.
 
 How this departs from transformers' implementation (same numbers, simpler code):
-- Window attention in the vision tower is a block-diagonal boolean mask (a patch attends to the
-  patches of its own 112x112 px window) instead of permuting tokens into window order and back.
+- Window attention in the vision tower: the patches are put in window order once (like
+  transformers' window index) and windows of equal size are batched into one attention call with
+  no mask; full attention likewise batches the frames of equal size. No variable-length kernel.
 - Grouped-query attention folds the query heads that share a K/V head into the query length,
   so K/V are never copied `n_rep` times (same math, works with every SDPA backend).
 - The KV cache is one preallocated tensor per layer, written in place; a row's padding is
@@ -234,6 +235,35 @@ def vision_layout(grid_thw, merge, window):
     return torch.cat(hpos), torch.cat(wpos), torch.cat(frame), torch.cat(win)
 
 
+def attention_groups(frame, win):
+    """Put the patches in window order: each window's patches contiguous (in their own order,
+    so each 2x2 merge unit stays 4 consecutive rows), the windows of a frame contiguous and, in a
+    frame, sorted largest first. Then attention needs no mask: a run of equal-size groups is one
+    batched call on a (groups, size) view.
+    frame, win (N,) long (from vision_layout) -> order (N,) long, the patches in window order;
+    win_segs, full_segs: lists of (start, end, size): positions [start, end) of the reordered
+    sequence are (end - start) / size groups of `size` patches that attend among themselves
+    (windows, or whole frames)."""
+    N = len(frame)
+    size = torch.bincount(win)                                             # (n_windows,)
+    win_frame = torch.zeros_like(size).scatter_(0, win, frame)
+    rank = torch.empty_like(size)
+    rank[torch.sort(win_frame * (N + 1) + N - size, stable=True).indices] = torch.arange(len(size))
+    order = torch.sort(rank[win], stable=True).indices                     # patches by window rank
+
+    def runs(sizes):  # consecutive equal sizes -> (start, end, size)
+        segs, s = [], 0
+        for n in sizes:
+            if segs and segs[-1][2] == n:
+                segs[-1][1] += n
+            else:
+                segs.append([s, s + n, n])
+            s += n
+        return [tuple(x) for x in segs]
+    win_sizes = size[torch.argsort(rank)].tolist()                          # in window order
+    return order, runs(win_sizes), runs(torch.bincount(frame).tolist())
+
+
 class PatchEmbed(nn.Module):
     def __init__(self, vc):
         super().__init__()
@@ -254,18 +284,20 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(vc.hidden_size, 3 * vc.hidden_size, bias=True)
         self.proj = nn.Linear(vc.hidden_size, vc.hidden_size, bias=True)
 
-    def forward(self, x, cos, sin, chunks):
+    def forward(self, x, cos, sin, segs):
         N, C = x.shape
-        q, k, v = self.qkv(x).view(N, 3, self.n_head, C // self.n_head).unbind(1)  # (N, H, D)
+        H, D = self.n_head, C // self.n_head
+        q, k, v = self.qkv(x).view(N, 3, H, D).unbind(1)  # (N, H, D), patches in window order
         dtype = q.dtype
         q = apply_rope(q.float(), cos, sin).to(dtype)
         k = apply_rope(k.float(), cos, sin).to(dtype)
-        q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # (H, N, D)
-        # images never attend to each other: attention runs on chunks of whole images, each with
-        # a block-diagonal mask (n, n) that keeps a patch inside its frame or its window
-        y = torch.cat([F.scaled_dot_product_attention(q[:, s:e], k[:, s:e], v[:, s:e], attn_mask=m)
-                       for s, e, m in chunks], dim=1)
-        return self.proj(y.transpose(0, 1).reshape(N, C))
+        # each segment is (end - start) / n groups (windows or frames) of n patches: one batched
+        # attention call per segment, (groups, H, n, D), and no patch sees outside its group
+        ys = []
+        for s, e, n in segs:
+            qs, ks, vs = (t[s:e].view(-1, n, H, D).transpose(1, 2) for t in (q, k, v))
+            ys.append(F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2).reshape(e - s, C))
+        return self.proj(torch.cat(ys) if len(ys) > 1 else ys[0])
 
 
 class VisionBlock(nn.Module):
@@ -276,8 +308,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(vc)
         self.mlp = MLP(vc.hidden_size, vc.intermediate_size, bias=True)
 
-    def forward(self, x, cos, sin, chunks):
-        x = x + self.attn(self.norm1(x), cos, sin, chunks)
+    def forward(self, x, cos, sin, segs):
+        x = x + self.attn(self.norm1(x), cos, sin, segs)
         return x + self.mlp(self.norm2(x))
 
 
@@ -295,8 +327,6 @@ class PatchMerger(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    max_chunk_patches = 512  # images are batched into attention chunks of at most this many patches
-
     def __init__(self, vc):
         super().__init__()
         self.config = vc
@@ -319,22 +349,20 @@ class VisionTransformer(nn.Module):
         dev = pixel_values.device
         x = self.patch_embed(pixel_values)
         window = vc.window_size // vc.patch_size // vc.spatial_merge_size
-        hpos, wpos, frame, win = (t.to(dev) for t in vision_layout(grid_thw.cpu(), vc.spatial_merge_size, window))
-        cos, sin = self.rope(hpos.float(), wpos.float(), dev)
-        # split the images into chunks of whole images; masks built once, reused by every block
-        full_chunks, win_chunks, s = [], [], 0
-        sizes = (grid_thw[:, 0] * grid_thw[:, 1] * grid_thw[:, 2]).tolist()
-        while s < len(frame):
-            e = s
-            while sizes and (e == s or e + sizes[0] - s <= self.max_chunk_patches):
-                e += sizes.pop(0)
-            f, w_ = frame[s:e], win[s:e]
-            full_chunks.append((s, e, f[:, None] == f[None, :]))
-            win_chunks.append((s, e, w_[:, None] == w_[None, :]))
-            s = e
+        hpos, wpos, frame, win = vision_layout(grid_thw.cpu(), vc.spatial_merge_size, window)
+        # the blocks run in window order (see attention_groups); the rows are permuted once here
+        # and the merged tokens once at the end, not around every block
+        order, win_segs, full_segs = attention_groups(frame, win)
+        cos, sin = self.rope(hpos[order].float().to(dev), wpos[order].float().to(dev), dev)
+        order = order.to(dev)
+        x = x[order]
         for i, blk in enumerate(self.blocks):
-            x = blk(x, cos, sin, full_chunks if i in vc.fullatt_block_indexes else win_chunks)
-        return self.merger(x)
+            x = blk(x, cos, sin, full_segs if i in vc.fullatt_block_indexes else win_segs)
+        x = self.merger(x)                                   # (N / unit, out_hidden_size)
+        unit = vc.spatial_merge_size ** 2                    # a merge unit's patches stay together
+        out = torch.empty_like(x)
+        out[order[::unit] // unit] = x                       # back to the processor's order
+        return out
 
 # -----------------------------------------------------------------------------
 # Language model: Qwen2 decoder with GQA, q/k/v biases, M-RoPE, and a preallocated KV cache
@@ -402,7 +430,8 @@ class Attention(nn.Module):
         # (B, H, T, D) -> (B, Hkv, G*T, D), so K/V are used as they are, never repeated
         G = H // Hkv
         q = q.reshape(B, Hkv, G * T, D)
-        mask = mask.expand(B, G, T, mask.shape[-1]).reshape(B, 1, G * T, -1) if G > 1 else mask
+        if G > 1 and T > 1:  # a decode step's (B, 1, 1, S) mask broadcasts over the G rows as it is
+            mask = mask.expand(B, G, T, mask.shape[-1]).reshape(B, 1, G * T, -1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, Hkv, G*T, D)
         return self.o_proj(y.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D))
 

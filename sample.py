@@ -29,12 +29,23 @@ Masks come from lengths, never from token identity (the pad id may equal EOS).
 CLI:
     python sample.py --model DIR --image PATH --question "..." [--n 4 --temperature 1.0 --top-p 0.99]
     python sample.py --model DIR --data FILE.jsonl --out FILE.jsonl [--n 4 ...]   # batch, resumable
+
+The first SFT set, as the paper builds it (iteration 1): a VLM captions each record's images, a
+text-only R1 model (qwen2 checkpoint, e.g. DeepSeek-R1-Distill-Qwen-14B) solves the question from
+caption + question, k traces a record; `python data.py traces` then keeps the shortest correct one.
+    python sample.py --task caption --model VLM --data data.jsonl --out captions.jsonl
+    python sample.py --task reason --model R1 --data captions.jsonl --out traces.jsonl [--n 4]
+    python data.py traces --data traces.jsonl --out sft.jsonl [--max-words 500]
+Each step writes its input records back with one field added (`caption`, `traces`), one line per
+record, appended per batch; a rerun skips the records already in --out. Sampling defaults depend
+on --task (TASK_DEFAULTS): a greedy caption; R1's temperature 0.6, top-p 0.95 for reasoning.
 """
 
 import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -67,18 +78,28 @@ def row_uniform(seed, keys, samples, step):
 
 def filter_probs(logits, temperature=1.0, top_k=0, top_p=1.0):
     """logits (R, V) -> the probabilities we sample from (R, V), float32, zero outside the kept set.
-    top_k 0 and top_p 1.0 mean off."""
+    top_k 0 and top_p 1.0 mean off. A token exactly as likely as the least likely kept one is kept
+    too (an exact tie at the edge may keep more than top_k)."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_k <= 0 and top_p >= 1.0:
         return probs
-    ps, idx = probs.sort(dim=-1, descending=True)
+    V = probs.shape[-1]
+    # Only the k most likely tokens of a row need sorting, and sorting a 32k vocabulary is slow on
+    # a CPU (~2 ms a row). top-p never keeps a token with p <= (1 - top_p) / V (the tokens from
+    # the last kept one down hold more than 1 - top_p of the mass, at most V of them, none more
+    # likely than it), and a trained model puts most of its vocabulary below that. On a GPU the
+    # full sort is cheap and the count would cost a host sync: sort everything there.
+    k = min(top_k, V) if top_k > 0 else V
+    if top_p < 1.0 and probs.device.type == "cpu":
+        k = min(k, max(1, int((probs > 0.5 * (1 - top_p) / V).sum(-1).max())))
+    ps = probs.topk(k, dim=-1).values if k < V // 2 else probs.sort(dim=-1, descending=True).values[:, :k]
     keep = torch.ones_like(ps, dtype=torch.bool)
-    if top_k > 0:
-        keep[:, top_k:] = False
     if top_p < 1.0:  # keep a token if the more likely ones alone do not reach top_p
         keep &= (ps.cumsum(-1) - ps) < top_p
-    ps = ps * keep
-    return torch.zeros_like(probs).scatter_(-1, idx, ps)
+    # the least likely kept probability; tokens tied with it are kept too, so the set depends on
+    # the row's probabilities only, not on how a sort orders equal values or on the batch's k
+    least = ps.masked_fill(~keep, float("inf")).amin(-1, keepdim=True)
+    return probs * (probs >= least)
 
 
 def draw(probs, u):
@@ -88,17 +109,28 @@ def draw(probs, u):
     return tok.squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
 
-def choose(logits, temperature, top_k, top_p, u, ban_ids):
-    """logits (R, V) -> (tokens (R,), log-probs of those tokens under the untempered model)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
+def ban_bias(ban_ids, vocab_size, device=None):
+    """(V,) float32: 0, or -inf at the ids that must never be chosen. Made once per generate and
+    added to the logits, instead of cloning them and writing -inf at every step."""
+    bias = torch.zeros(vocab_size, device=device)
     if ban_ids is not None and len(ban_ids):
-        logits = logits.clone()
-        logits[:, ban_ids] = float("-inf")
+        bias[torch.as_tensor(list(ban_ids), dtype=torch.long, device=device)] = float("-inf")
+    return bias
+
+
+def choose(logits, temperature, top_k, top_p, u, ban=None):
+    """logits (R, V) -> (tokens (R,), log-probs of those tokens under the untempered model).
+    ban: the ids never chosen, as a list or as ban_bias(...) (the sampler passes the bias)."""
+    logits = logits.float()
+    if ban is not None and not torch.is_tensor(ban):
+        ban = ban_bias(ban, logits.shape[-1], logits.device)
+    allowed = logits + ban if ban is not None else logits
     if temperature == 0:
-        tok = logits.argmax(-1)
+        tok = allowed.max(-1).indices  # max(-1), not argmax: same first-index ties, 3x faster on CPU
     else:
-        tok = draw(filter_probs(logits, temperature, top_k, top_p), u)
-    return tok, logp.gather(-1, tok[:, None]).squeeze(1)
+        tok = draw(filter_probs(allowed, temperature, top_k, top_p), u)
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, tok[:, None]).squeeze(1)
+    return tok, logp
 
 # -----------------------------------------------------------------------------
 # FSDP2: gather the weights once for a whole generation
@@ -114,15 +146,29 @@ def gathered(model):
     except ImportError:  # pragma: no cover
         FSDPModule = ()
     mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    # each module's own reshard-after-forward setting, restored as it was (a root module's is
+    # "auto", a ZeRO-2 style module's False); FSDP2 has no public getter, so read its state
+    saved = [_reshard_setting(m) for m in mods]
     for m in mods:
         m.set_reshard_after_forward(False, recurse=False)
         m.unshard()
     try:
         yield
     finally:
-        for m in mods:
+        for m, s in zip(mods, saved):
             m.reshard()
-            m.set_reshard_after_forward(True, recurse=False)
+            _reshard_setting(m, s)
+
+
+def _reshard_setting(m, value=None):
+    """Get (value None) or set an FSDP2 module's reshard-after-forward state: its "auto" flag and
+    each parameter group's post-forward mesh (None = keep the weights gathered after forward)."""
+    st = m._get_fsdp_state()
+    if value is None:
+        return st._auto_reshard_after_forward, [g.post_forward_mesh_info for g in st._fsdp_param_groups]
+    st._auto_reshard_after_forward = value[0]
+    for g, info in zip(st._fsdp_param_groups, value[1]):
+        g.post_forward_mesh_info = info
 
 # -----------------------------------------------------------------------------
 # the generation loop
@@ -139,9 +185,24 @@ class Samples:
     texts: list
 
 
-def vision_token_ids(cfg):
-    return [i for i in (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id,
-                        cfg.vision_end_token_id) if i is not None and i < cfg.vocab_size]
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+
+
+def vision_token_ids(cfg, tokenizer=None):
+    """The ids a row must never emit. The config names four; <|vision_pad|> is not in it: take it
+    from the tokenizer, else from Qwen's layout (vision_end, vision_pad, image_pad in a row).
+    A text-only model (qwen2) has no vision tower to break: nothing is banned."""
+    if cfg.vision is None:
+        return []
+    ids = {cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id}
+    if cfg.vision_end_token_id is not None and cfg.image_token_id == cfg.vision_end_token_id + 2:
+        ids.add(cfg.vision_end_token_id + 1)
+    if tokenizer is not None:
+        for t in VISION_TOKENS:
+            i = tokenizer.convert_tokens_to_ids(t)
+            if isinstance(i, int) and i != tokenizer.unk_token_id:
+                ids.add(i)
+    return sorted(i for i in ids if i is not None and 0 <= i < cfg.vocab_size)
 
 
 def default_stop_ids(cfg, tokenizer=None):
@@ -174,26 +235,26 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
         if L > budget:
             raise ValueError(f"prompt {i} has {L} tokens, more than the budget of {budget} "
                              f"(max_prompt_len, or max_position_embeddings - max_new_tokens)")
+    if keys is not None and len(keys) != len(prompts):
+        raise ValueError(f"keys has {len(keys)} entries for {len(prompts)} prompts (one key per prompt)")
     stop_ids = default_stop_ids(cfg, tokenizer) if stop_ids is None else list(stop_ids)
-    ban_ids = vision_token_ids(cfg) if ban_ids is None else list(ban_ids)
+    ban_ids = vision_token_ids(cfg, tokenizer) if ban_ids is None else list(ban_ids)
     dev = model.model.embed_tokens.weight.device
     P, R = len(prompts), len(prompts) * n
 
-    # prefill: prompts left-padded to a common length, so every row decodes into the same slot
-    batch = data.collate(prompts, pad_id, padding_side="left") if "pixel_values" in prompts[0] else None
-    if batch is None:
-        T = max(lens)
-        ids = torch.full((P, T), pad_id, dtype=torch.long)
-        am = torch.zeros(P, T, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, T - lens[i]:], am[i, T - lens[i]:] = p["input_ids"], 1
-        batch = dict(input_ids=ids, attention_mask=am)
-    batch = {k: v.to(dev) for k, v in batch.items()}
-    ids, am = batch["input_ids"], batch["attention_mask"]
-    pv, grid = batch.get("pixel_values"), batch.get("image_grid_thw")
-    if pv is not None and pv.shape[0] == 0:
-        pv = grid = None
-    T = ids.shape[1]
+    # prefill: prompts left-padded to a common length, so every row decodes into the same slot;
+    # the images of all prompts that have some, in order (text-only prompts may be anywhere)
+    T = max(lens)
+    ids = torch.full((P, T), pad_id, dtype=torch.long)
+    am = torch.zeros(P, T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - lens[i]:], am[i, T - lens[i]:] = p["input_ids"], 1
+    ids, am = ids.to(dev), am.to(dev)
+    imgs = [p for p in prompts if p.get("pixel_values") is not None and p["pixel_values"].shape[0] > 0]
+    pv = grid = None
+    if imgs:
+        pv = torch.cat([p["pixel_values"] for p in imgs]).to(dev)
+        grid = torch.cat([p["image_grid_thw"].reshape(-1, 3) for p in imgs]).to(dev)
     with gathered(model):
         pos, next_pos = model.rope_index(ids, grid, am)
         cache = model.new_cache(P, T + max_new_tokens, device=dev)
@@ -210,22 +271,25 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
         lengths = torch.zeros(R, dtype=torch.long, device=dev)
         done = torch.zeros(R, dtype=torch.bool, device=dev)
         stop = torch.tensor(stop_ids, dtype=torch.long, device=dev)
-        steps = 0
+        ban = ban_bias(ban_ids, logits.shape[-1], dev)
+        # "all rows done?" makes the host wait for the device: on an accelerator ask only every 8
+        # steps (a few wasted steps at the end cost less than draining the queue at every step)
+        check_every = 1 if dev.type == "cpu" else 8
         for i in range(max_new_tokens):
             u = row_uniform(seed, keys, samples, i) if temperature > 0 else None
-            tok, lp = choose(logits, temperature, top_k, top_p, u, ban_ids)
+            tok, lp = choose(logits, temperature, top_k, top_p, u, ban)
             tok = tok.masked_fill(done, pad_id)          # finished rows stay frozen
             tokens[:, i], logps[:, i] = tok, lp.masked_fill(done, 0.0)
             lengths += (~done).long()
             done |= torch.isin(tok, stop)
-            steps = i + 1
-            if bool(done.all()) or i == max_new_tokens - 1:
+            if i == max_new_tokens - 1 or (i % check_every == check_every - 1 and bool(done.all())):
                 break
             # feed the new token at each row's own position; finished rows are masked out
             p = (next_pos + i).view(1, R, 1).expand(3, R, 1)
             logits = model(tok[:, None], (~done).long()[:, None], position_ids=p, cache=cache,
                            logits="last")[:, -1]
 
+    steps = int(lengths.max())
     tokens, logps = tokens[:, :steps], logps[:, :steps]
     texts = []
     if tokenizer is not None:
@@ -234,15 +298,47 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     return Samples(tokens.cpu(), logps.cpu(), lengths.cpu(), finished.cpu(), rows.cpu(), samples.cpu(), texts)
 
 # -----------------------------------------------------------------------------
-# CLI: one image + question, or a JSONL file of records (resumable)
+# CLI: one image + question, a JSONL file of records, or the two steps that build the first SFT
+# set (caption, reason); batch modes append per batch and resume
+
+# the paper's captioning instruction (OpenVLThinker, iteration 1), written out in full
+CAPTION_PROMPT = (
+    "Please provide a detailed description of this image that could help another AI model "
+    "understand it completely, as if that model could not see the image. Describe every object "
+    "with its colour, shape, size and position, and say how many there are of each kind. Read out "
+    "all text, numbers, labels and symbols exactly as written. For a chart or plot give the title, "
+    "the axes with their ranges and units, the legend, and the value of every bar, point or "
+    "segment; for a table give every row and column; for a geometric figure give every labelled "
+    "point, line, length and angle and how the parts are connected. Do not solve any problem "
+    "shown; only describe what is there.")
+# to the text-only reasoner: the caption stands in for the image. {caption} and {question} are
+# replaced (no str.format, so braces like \boxed{} need no escaping). DeepSeek-R1's own advice
+# for math: no system prompt, "reason step by step ... within \boxed{}".
+REASON_PROMPT = (
+    "You are given a detailed description of an image, and a question about that image.\n\n"
+    "Image description:\n{caption}\n\n"
+    "Question:\n{question}\n\n"
+    "Answer the question using the description as if you could see the image. Please reason step "
+    "by step, and put your final answer within \\boxed{}.")
+TASK_DEFAULTS = {  # sampling settings of each --task, where a flag is not given
+    "sample": dict(n=4, temperature=1.0, top_p=0.99, max_new_tokens=512),    # the GRPO rollout's
+    "caption": dict(n=1, temperature=0.0, top_p=1.0, max_new_tokens=512),   # one greedy caption
+    # DeepSeek-R1-Distill's recommended temperature 0.6, top-p 0.95; traces over 500 words (~700
+    # tokens) are dropped by the filter anyway, so a longer budget only costs time
+    "reason": dict(n=4, temperature=0.6, top_p=0.95, max_new_tokens=1024),
+    # the iterative loop: the current VLM answers each training record k times (the paper: 4)
+    "distill": dict(n=4, temperature=1.0, top_p=1.0, max_new_tokens=512),
+}
 
 
 def sampling_args(p):
-    p.add_argument("--n", type=int, default=4, help="completions per prompt")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.99, help="nucleus sampling mass (1.0 = off)")
+    d = "default per --task: " + "; ".join(f"{t} {{}}" for t in TASK_DEFAULTS)
+    per_task = lambda k: d.format(*(TASK_DEFAULTS[t][k] for t in TASK_DEFAULTS))
+    p.add_argument("--n", type=int, default=None, help="completions per prompt (" + per_task("n") + ")")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (" + per_task("temperature") + ")")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, 1.0 = off (" + per_task("top_p") + ")")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="completion budget, tokens")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="completion budget, tokens (" + per_task("max_new_tokens") + ")")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--max-pixels", type=int, default=512 * 512, help="image resize cap, pixels")
     p.add_argument("--min-pixels", type=int, default=data.MIN_PIXELS, help="image resize floor, pixels")
@@ -250,20 +346,39 @@ def sampling_args(p):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint directory (HF layout, with tokenizer)")
+    p.add_argument("--model", required=True, help="checkpoint directory (HF layout, with tokenizer); "
+                   "--task reason takes a text-only qwen2 one (DeepSeek-R1-Distill-Qwen)")
+    p.add_argument("--task", default="sample", choices=list(TASK_DEFAULTS),
+                   help="sample: answer questions (one image + --question, or --data); caption: "
+                   "describe each record's images; reason: solve each record from its caption; "
+                   "distill: answer each record n times with the VLM itself, written like reason's "
+                   "output (the iterative loop's next SFT set, after data.py traces)")
     p.add_argument("--image", help="an image file (single-prompt mode)")
     p.add_argument("--question", help="the question (single-prompt mode)")
-    p.add_argument("--data", help="JSONL of records (batch mode)")
-    p.add_argument("--out", help="output JSONL, one line per completion (batch mode); resumes")
+    p.add_argument("--data", help="JSONL of records (batch mode; --task reason: the caption step's output)")
+    p.add_argument("--out", help="output JSONL (batch mode); appended per batch, a rerun resumes")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generation call")
+    p.add_argument("--caption-prompt", default=CAPTION_PROMPT, help="--task caption: the instruction "
+                   "shown with the images (default: the paper's, in full)")
+    p.add_argument("--reason-prompt", default=REASON_PROMPT, help="--task reason: the text model's "
+                   "prompt; {caption} and {question} are replaced")
+    p.add_argument("--suffix", default="", help="--task distill: text after each question, '' or 'r1' "
+                   "(the same as the model was trained with)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="weights dtype (auto: bf16 on cuda)")
     sampling_args(p)
     a = p.parse_args(argv)
+    for k, v in TASK_DEFAULTS[a.task].items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
     if a.n < 1:
         p.error(f"--n must be >= 1, got {a.n}")
-    if (a.data is None) == (a.question is None):
+    if a.task != "sample" and not (a.data and a.out):
+        p.error(f"--task {a.task} needs --data and --out")
+    if a.task == "sample" and (a.data is None) == (a.question is None):
         p.error("give either --question (with --image) or --data and --out")
+    if a.task == "reason" and not all(f in a.reason_prompt for f in ("{caption}", "{question}")):
+        p.error("--reason-prompt must contain {caption} and {question}")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(a.dtype) or (
         torch.bfloat16 if a.device.startswith("cuda") else torch.float32)
     model = M.load_model(a.model, dtype=dtype, device=a.device).eval()
@@ -271,6 +386,12 @@ def main(argv=None):
     kw = dict(n=a.n, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
               top_k=a.top_k, seed=a.seed, tokenizer=tok, pad_id=tok.pad_token_id or 0)
     px = dict(min_pixels=a.min_pixels, max_pixels=a.max_pixels)
+    if a.task == "caption":
+        return run_captions(model, tok, a.data, a.out, a.batch_size, a.caption_prompt, px, kw)
+    if a.task == "reason":
+        return run_reasoning(model, tok, a.data, a.out, a.batch_size, a.reason_prompt, kw)
+    if a.task == "distill":
+        return run_distill(model, tok, a.data, a.out, a.batch_size, a.suffix, px, kw)
     if a.question is not None:
         images = [a.image] if a.image else []
         enc = data.encode_prompt(tok, a.question, images, **px)
@@ -309,6 +430,121 @@ def run_batch(model, tok, data_path, out_path, batch_size, px, kw):
                                         length=int(out.lengths[r]), finished=bool(out.finished[r]))) + "\n")
             f.flush()
             bar.update(len(chunk))
+
+# the first SFT set (the paper's iteration 1): a VLM captions each image, a text-only R1 model
+# solves the question from caption + question; data.py's `traces` command then filters. Each step
+# reads records and writes them back (our JSONL form, data.record_row) with one field added,
+# `caption` or `traces`, so every intermediate file is a data file that data.load_records reads.
+
+
+def load_done(out_path):
+    """The rows already in a one-line-per-record output file, so a rerun can skip their ids. A
+    last line cut short by a crash is dropped (the file is rewritten atomically) and appending
+    goes on; a bad line anywhere else is an error naming it."""
+    if not os.path.exists(out_path):
+        return []
+    with open(out_path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    rows, torn = [], False
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i != len(lines) - 1:  # only the unterminated last line can be a torn write
+                raise ValueError(f"{out_path}:{i + 1}: malformed JSON ({e}); fix or remove the line") from None
+            torn = True
+    if torn:
+        print(f"{out_path}: dropping a last line cut short", file=sys.stderr)
+        data.write_jsonl(out_path, rows)
+    return rows
+
+
+def run_records(records, out_path, batch_size, task, step):
+    """The loop of the caption and reason steps: skip the records whose id is in out_path already,
+    call step(list of (index, record)) -> one row per record, append each batch's rows at once."""
+    from tqdm import tqdm
+    done = {r.get("id") for r in load_done(out_path)}
+    todo = [(i, r) for i, r in enumerate(records) if r["id"] not in done]
+    print(f"{task}: {len(records)} records, {len(records) - len(todo)} already done, {len(todo)} to go",
+          file=sys.stderr)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path, "a", encoding="utf-8", newline="\n") as f, tqdm(total=len(todo), desc=task) as bar:
+        for s in range(0, len(todo), batch_size):
+            batch = todo[s:s + batch_size]
+            f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in step(batch)))
+            f.flush()
+            bar.update(len(batch))
+    return len(todo)
+
+
+def run_captions(model, tok, data_path, out_path, batch_size, prompt, px, kw):
+    """--task caption: one caption per record, of all its images at once (n is 1: a caption is a
+    description, not a sample). A record without images gets caption "" and no model call."""
+    records, _ = data.load_records(data_path)
+
+    def step(batch):
+        seen = [(i, r) for i, r in batch if r["images"]]
+        caps = {}
+        if seen:
+            encs = [data.encode_prompt(tok, prompt, r["images"], **px) for _, r in seen]
+            out = generate(model, encs, keys=[i for i, _ in seen], **{**kw, "n": 1})
+            caps = {i: out.texts[j].strip() for j, (i, _) in enumerate(seen)}
+        return [data.record_row(r, caption=caps.get(i, "")) for i, r in batch]
+    return run_records(records, out_path, batch_size, "caption", step)
+
+
+def reason_prompt(tok, template, record):
+    """The text model's prompt for one record: the caption and the question (with its options)
+    put into the template, as one user turn of the model's own chat template."""
+    caption = record["meta"].get("caption")
+    if not isinstance(caption, str):
+        raise ValueError(f"{record['source']}: record {record['id']!r} has no caption "
+                         f"(run sample.py --task caption first)")
+    fields = {"caption": caption, "question": data.format_question(record)}
+    text = re.sub(r"\{(caption|question)\}", lambda m: fields[m.group(1)], template)
+    return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                   add_generation_prompt=True)
+
+
+def run_reasoning(model, tok, data_path, out_path, batch_size, template, kw):
+    """--task reason: n traces per record from a text-only model, written as the record plus
+    `traces`: [{text, length, finished}]. R1-Distill's chat template opens <think> in the
+    prompt; then "<think>\\n" is put back in front of each text, so a trace reads whole."""
+    records, _ = data.load_records(data_path)
+
+    def step(batch):
+        prompts = [reason_prompt(tok, template, r) for _, r in batch]
+        encs = [{"input_ids": torch.tensor(tok(p, add_special_tokens=False)["input_ids"], dtype=torch.long)}
+                for p in prompts]
+        out = generate(model, encs, keys=[i for i, _ in batch], **kw)
+        traces = [[] for _ in batch]
+        for j in range(len(out.texts)):
+            b = int(out.prompt_index[j])
+            head = "<think>\n" if prompts[b].rstrip().endswith("<think>") else ""
+            traces[b].append(dict(text=head + out.texts[j], length=int(out.lengths[j]),
+                                  finished=bool(out.finished[j])))
+        return [data.record_row(r, traces=t) for (_, r), t in zip(batch, traces)]
+    return run_records(records, out_path, batch_size, "reason", step)
+
+
+def run_distill(model, tok, data_path, out_path, batch_size, suffix, px, kw):
+    """--task distill (the iterative loop, paper section 3): the current VLM answers each record
+    n times; written as the record plus `traces`, like --task reason, so that `python data.py
+    traces` keeps the shortest correct answer of each record as the next SFT set."""
+    records, _ = data.load_records(data_path)
+    suffix = data.SUFFIXES.get(suffix, suffix)
+
+    def step(batch):
+        encs = [data.encode_prompt(tok, data.format_question(r, suffix), r["images"], **px) for _, r in batch]
+        out = generate(model, encs, keys=[i for i, _ in batch], **kw)
+        traces = [[] for _ in batch]
+        for j in range(len(out.texts)):
+            traces[int(out.prompt_index[j])].append(dict(text=out.texts[j], length=int(out.lengths[j]),
+                                                         finished=bool(out.finished[j])))
+        return [data.record_row(r, traces=t) for (_, r), t in zip(batch, traces)]
+    return run_records(records, out_path, batch_size, "distill", step)
 
 
 if __name__ == "__main__":

@@ -525,13 +525,46 @@ def test_qwen2_text_only_matches_transformers(tmp_path, tie):
 # Other paths of the same forward
 
 
-def test_vision_chunking_does_not_change_logits(ref):
-    """Images are batched into attention chunks of at most max_chunk_patches patches (an image
-    larger than that is a chunk of its own); the split must not change anything."""
-    ids, mask, pv, grid = case_inputs("two_images_one_row")   # 96 + 308 patches
-    model = copy.deepcopy(ref.nested)
-    model.visual.max_chunk_patches = 100
-    assert rel_err(ours_forward(model, ids, mask, pv, grid), ref.hf_logits("two_images_one_row"), mask) <= TOL
+def test_window_order_groups(ref):
+    """attention_groups: a permutation in which every window (and every frame) is one contiguous
+    group of its size, each 2x2 merge unit stays 4 consecutive rows, and runs of equal-size
+    groups are batched into one segment."""
+    grid = torch.tensor([[1, 22, 14], [2, 8, 12], [1, 8, 8], [1, 6, 10]])
+    hpos, wpos, frame, win = M.vision_layout(grid, MERGE, 112 // 14 // MERGE)
+    order, win_segs, full_segs = M.attention_groups(frame, win)
+    N = len(frame)
+    assert sorted(order.tolist()) == list(range(N))
+    assert (order.view(-1, 4) == order.view(-1, 4)[:, :1] + torch.arange(4)).all()  # merge units
+    for segs, key in ((win_segs, win), (full_segs, frame)):
+        assert segs[0][0] == 0 and segs[-1][1] == N
+        assert all(a[1] == b[0] and a[2] != b[2] for a, b in zip(segs, segs[1:]))  # merged runs
+        for s, e, n in segs:
+            g = key[order[s:e]].view(-1, n)
+            assert (g == g[:, :1]).all()                      # one window / frame per group
+            assert len(set(g[:, 0].tolist())) == g.shape[0]   # and a whole one
+            assert (torch.bincount(key)[g[:, 0]] == n).all()
+    assert [n for *_, n in full_segs] == [308, 96, 64, 60]    # frames of equal size batched
+    # the (22, 14) image = 11x7 merged: windows of 4x4 (2 of them), 4x3, 4x3 and 3x4, 3x3, largest first
+    assert [((e - s) // n, n) for s, e, n in win_segs][:3] == [(2, 64), (3, 48), (1, 36)]
+
+
+def test_vision_tower_matches_transformers_on_mixed_sizes(ref):
+    """The vision tower alone, several sizes batched (full and partial windows, a 2-frame
+    video grid), against transformers' visual, and each image alone against its batched rows."""
+    grid = torch.tensor([[1, 22, 14], [2, 8, 12], [1, 8, 8], [1, 6, 10]])
+    pv = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = ref.nested.visual(pv, grid)
+        hf = ref.hf.model.visual(pv, grid_thw=grid)
+        hf = getattr(hf, "pooler_output", hf)
+        assert ours.shape == hf.shape
+        assert rel_err(ours, hf) <= TOL
+        s = t = 0
+        for g in grid:
+            n = int(g.prod())
+            alone = ref.nested.visual(pv[s:s + n], g[None])
+            assert rel_err(alone, ours[t:t + n // 4]) <= TOL
+            s, t = s + n, t + n // 4
 
 
 def test_gradient_checkpointing_same_grads(ref):

@@ -249,18 +249,34 @@ def test_all_rows_stopping_ends_the_loop(model, prompts):
     assert out.finished.all() and (out.lengths == 1).all()
 
 
-def test_text_only_and_mixed_batches(model, tok, prompts):
+@pytest.mark.parametrize("order", ["image_first", "text_first"])
+def test_text_only_and_mixed_batches(model, tok, prompts, order):
+    """Prompts without pixel_values may sit anywhere in a batch, the first row included."""
     text = data.encode_prompt(tok, "No picture here, just text.", [])
-    mixed = [prompts[0], text, prompts[2]]
+    text.pop("pixel_values", None), text.pop("image_grid_thw", None)  # as a text-only caller builds it
+    mixed = [prompts[0], text, prompts[2]] if order == "image_first" else [text, prompts[1], text, prompts[3]]
     out = sample.generate(model, mixed, max_new_tokens=10, temperature=0, stop_ids=[])
     for r, p in enumerate(mixed):
         alone = sample.generate(model, [p], max_new_tokens=10, temperature=0, stop_ids=[])
         assert completion(out, r) == completion(alone, 0), f"row {r}"
 
 
+def test_vision_token_ids_include_vision_pad(model, tok):
+    """<|vision_pad|> is not in the config: found through the tokenizer, or Qwen's id layout."""
+    names = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+    want = sorted(tok.convert_tokens_to_ids(t) for t in names)
+    assert sample.vision_token_ids(model.config, tok) == want
+    assert sample.vision_token_ids(model.config) == want      # vision_end + 1 = image_pad - 1
+    cfg = copy.copy(model.config)
+    cfg.image_token_id = cfg.vision_end_token_id + 1          # no slot between them: no guess
+    assert sample.vision_token_ids(cfg) == sorted({cfg.image_token_id, cfg.video_token_id,
+                                                   cfg.vision_start_token_id, cfg.vision_end_token_id})
+
+
 def test_never_emits_vision_tokens(model, prompts):
     m = copy.deepcopy(model)
     ban = sample.vision_token_ids(m.config)
+    assert len(ban) == 5  # <|vision_pad|> included
 
     def favour_vision(mod, args, out):  # the vision tokens' logits become the largest by far
         out = out.clone()
@@ -354,6 +370,27 @@ def test_filter_probs():
     assert torch.allclose(p, torch.tensor([[0.625, 0.375, 0, 0], [0, 0, 0.375, 0.625]]), atol=1e-6)
 
 
+def test_filter_probs_large_vocab_matches_full_sort():
+    """On a CPU only the tokens above (1 - top_p) / V / 2 are sorted (topk); the kept set must be
+    the full sort's, for peaked and flat rows, and ties at the edge are kept together."""
+    def reference(logits, top_k, top_p):
+        probs = torch.softmax(logits, -1)
+        ps, idx = probs.sort(-1, descending=True)
+        keep = (ps.cumsum(-1) - ps) < top_p
+        if top_k > 0:
+            keep[:, top_k:] = False
+        return torch.zeros_like(probs).scatter_(-1, idx, ps * keep)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 20000, generator=g) * torch.tensor([0.5, 1.0, 3.0, 6.0, 10.0, 20.0])[:, None]
+    for rows in (logits, logits[3:]):  # with a flat row the batch's k is ~V (a full sort); without, topk
+        for top_k, top_p in ((0, 0.99), (0, 0.9), (0, 0.5), (40, 1.0), (40, 0.95), (15000, 0.999)):
+            got = sample.filter_probs(rows, top_k=top_k, top_p=top_p)
+            assert torch.equal(got > 0, reference(rows, top_k, top_p) > 0), (len(rows), top_k, top_p)
+    tied = torch.tensor([[2.0, 1.0, 1.0, 0.0]])        # probs ~ .48 .18 .18 .06 (x2 ties)
+    assert (sample.filter_probs(tied, top_p=0.55) > 0).tolist() == [[True, True, True, False]]
+    assert (sample.filter_probs(tied, top_k=2) > 0).tolist() == [[True, True, True, False]]
+
+
 def test_draw_inverse_cdf():
     probs = P4.expand(7, 4)
     u = torch.tensor([0.01, 0.49, 0.51, 0.79, 0.81, 0.94, 0.999], dtype=torch.float64)
@@ -413,6 +450,8 @@ def test_bad_input(model, tok, prompts, tmp_path):
         sample.generate(model, prompts, temperature=-1)
     with pytest.raises(ValueError, match="top_p"):
         sample.generate(model, prompts, top_p=0)
+    with pytest.raises(ValueError, match="keys has 3 entries for 4 prompts"):
+        sample.generate(model, prompts, keys=[0, 1, 2])
     lens = [len(p["input_ids"]) for p in prompts]  # 84, 171, 67, 92
     with pytest.raises(ValueError, match=f"prompt 1 has {lens[1]} tokens"):
         sample.generate(model, prompts, max_prompt_len=100)
@@ -465,6 +504,35 @@ def test_fsdp2_two_processes_match_one(model, prompts, ckpt, tmp_path):
     for name, kw in (("sampled", ds.SAMPLED), ("greedy", ds.GREEDY)):
         ref = ds.rows(sample.generate(model, prompts, stop_ids=stops, pad_id=0, **kw))
         assert got[name] == ref, name
+
+
+def test_gathered_restores_reshard_settings(model, prompts):
+    """gathered() sets reshard-after-forward False to keep the weights for the whole generation;
+    afterwards each FSDP module has its own setting back (the root's "auto", a layer sharded with
+    reshard_after_forward=False keeps False), and every weight is sharded again."""
+    import torch.distributed as dist
+    if not dist.is_available() or not dist.is_gloo_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed with gloo, not already initialized")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.tensor import DTensor
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        m = copy.deepcopy(model)
+        for i, layer in enumerate(m.model.layers):
+            fully_shard(layer, mesh=mesh, reshard_after_forward=i > 0)  # layer 0: ZeRO-2 style
+        fully_shard(m, mesh=mesh)
+        mods = [x for x in m.modules() if isinstance(x, FSDPModule)]
+        before = [sample._reshard_setting(x) for x in mods]
+        assert before[0][1] != before[1][1]  # the setup has both kinds (root; layer 0)
+        out = sample.generate(m, prompts[:2], max_new_tokens=4, temperature=0, stop_ids=[])
+        assert [sample._reshard_setting(x) for x in mods] == before
+        assert all(isinstance(p, DTensor) for p in m.parameters())
+        ref = sample.generate(model, prompts[:2], max_new_tokens=4, temperature=0, stop_ids=[])
+        assert torch.equal(out.tokens, ref.tokens)
+    finally:
+        dist.destroy_process_group()
 
 # -----------------------------------------------------------------------------
 # cuda, bf16

@@ -18,6 +18,16 @@ prefill, per step; and one cached decode-step forward timed directly) against on
 forward of the same batch (no cache), and on cuda the share of the memory-bandwidth roofline:
 LM weight bytes * decode steps/s / the bandwidth of a large device-to-device copy.
 
+Then, from one more run of each with hooks on the model's forward: the decode-step forward's
+share of each side's step. HF's ms/step divided by our forward is the speedup we would get if our
+steps were nothing but the forward (the ceiling for this approach at these shapes).
+
+The small config (the CPU default): LM hidden 256, intermediate 1024 (4x, Qwen2.5 uses ~5.4x),
+4 layers, 4 query / 2 KV heads of 64 (GQA as in Qwen), vocab 32768 tied (as the 3B ties), M-RoPE
+sections [8, 12, 12]; vision 4 blocks of 128 (2x intermediate, 4 heads), full attention in the
+last block, the rest window attention. At these shapes the tied LM head (32768 x 256) is about
+half of a decode step's compute.
+
 The last line is `speedup_vs_hf_generate X`: ours / HF tokens/s (with several batch sizes, the
 smallest of them).
 """
@@ -124,16 +134,18 @@ def lm_weight_bytes(model):
     return total
 
 
-def decode_step_ms(model, batch, dev, steps=16):
+def decode_step_ms(model, batch, dev, steps=16, skip=0):
     """ms of one cached decode-step forward (B rows, 1 token each) and of the prefill, timed
-    directly: prefill the batch into a cache, then time single-token forwards."""
+    directly: prefill the batch into a cache, skip `skip` slots (masked out, but attended over
+    like the tokens of a run half-way through), then time single-token forwards."""
     ids, am = batch["input_ids"], batch["attention_mask"]
     B, T = ids.shape
     with torch.no_grad():
         pos, next_pos = model.rope_index(ids, batch["image_grid_thw"], am)
-        cache = model.new_cache(B, T + steps + 1, device=dev)
+        cache = model.new_cache(B, T + skip + steps + 1, device=dev)
         t_prefill, _ = timed(dev, lambda: model(ids, am, batch["pixel_values"], batch["image_grid_thw"],
                                                 position_ids=pos, cache=cache, logits="last"))
+        cache.len += skip
         tok = torch.randint(0, 1000, (B, 1), device=dev)
         ones = torch.ones(B, 1, dtype=torch.long, device=dev)
         times = []
@@ -149,6 +161,27 @@ def full_forward_ms(model, batch, dev, reps=3):
         times = [timed(dev, lambda: model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
                                           batch["image_grid_thw"], logits="last"))[0] for _ in range(reps)]
     return 1e3 * statistics.median(times)
+
+
+def forward_ms_in(model, dev, fn):
+    """Run fn() with hooks that time each call of model's forward; the median over the calls
+    after the first (the prefill) = a decode step's forward inside that generate, in ms."""
+    times, t0 = [], []
+
+    def pre(mod, args):
+        sync(dev)
+        t0.append(time.perf_counter())
+
+    def post(mod, args, out):
+        sync(dev)
+        times.append(time.perf_counter() - t0.pop())
+    handles = [model.register_forward_pre_hook(pre), model.register_forward_hook(post)]
+    try:
+        fn()
+    finally:
+        for h in handles:
+            h.remove()
+    return 1e3 * statistics.median(times[1:])
 
 
 def bench_batch(ours, hf, cfg, B, args, dev):
@@ -185,13 +218,15 @@ def bench_batch(ours, hf, cfg, B, args, dev):
         assert g.shape[1] - T == N, g.shape
         agree = (o.tokens == g[:, T:].cpu()).float().mean().item()
     hf_s, ours_s = statistics.median(t_hf), statistics.median(t_ours)
-    step_ms, prefill_ms = decode_step_ms(ours, batch, dev)
+    step_ms, prefill_ms = decode_step_ms(ours, batch, dev, skip=N // 2)
+    # one more run of each with the forward calls timed: how much of a step is the model itself
+    hf_fwd_in, ours_fwd_in = forward_ms_in(hf, dev, run_hf), forward_ms_in(ours, dev, run_ours)
     full_ms = full_forward_ms(ours, batch, dev)
     r = dict(batch=B, prompt_len=T, hf_tok_s=B * N / hf_s, ours_tok_s=B * N / ours_s,
              speedup=hf_s / ours_s, hf_s=hf_s, ours_s=ours_s, agree=agree,
              step_ms=step_ms, prefill_ms=prefill_ms, full_ms=full_ms,
              ours_step_ms=1e3 * (ours_s - prefill_ms / 1e3) / max(N - 1, 1),
-             hf_step_ms=1e3 * hf_s / N)
+             hf_step_ms=1e3 * hf_s / N, hf_fwd_in=hf_fwd_in, ours_fwd_in=ours_fwd_in)
     if dev.type == "cuda":
         decode_steps_per_s = (N - 1) / max(ours_s - prefill_ms / 1e3, 1e-9)
         r["roofline"] = args.weight_bytes * decode_steps_per_s / args.bandwidth
@@ -218,16 +253,12 @@ def main(argv=None):
     p.add_argument("--batch", default=None, help="batch size(s), comma-separated (default: 16 for small, 1,64 for 3b)")
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each side (median reported)")
-    p.add_argument("--threads", type=int, default=2,
-                   help="torch CPU threads (on a machine shared with other busy processes, 1: with 2 threads every op waits for a descheduled peer thread)")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or 2),
+                   help="torch CPU threads (default: $OMP_NUM_THREADS, else 2; on a machine shared with other busy processes, 1: with 2 threads every op waits for a descheduled peer thread)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--std", type=float, default=None, help="init std (default 0.05 small, 0.02 3b)")
     p.add_argument("--profile", action="store_true", help="also print a torch.profiler table of our decode")
-    p.add_argument("--vision-chunk", type=int, default=None,
-                   help="experiment: set model.VisionTransformer.max_chunk_patches (ours only; default: as in model.py)")
     args = p.parse_args(argv)
-    if args.vision_chunk:
-        M.VisionTransformer.max_chunk_patches = args.vision_chunk
     torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
@@ -255,8 +286,7 @@ def main(argv=None):
           f"dtype {str(dtype).replace('torch.', '')}, config {args.config}: hidden {cfg.hidden_size}, "
           f"layers {cfg.num_hidden_layers}, vocab {cfg.vocab_size}, {nparams / 1e6:.1f}M params, "
           f"LM weights {args.weight_bytes / 2**20:.1f} MiB; new tokens {args.new_tokens}, greedy, "
-          f"median of {args.repeats}, torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"our vision chunk {M.VisionTransformer.max_chunk_patches} patches")
+          f"median of {args.repeats}, torch {torch.__version__}, transformers {transformers.__version__}")
     if args.bandwidth:
         print(f"device-to-device copy bandwidth {args.bandwidth / 1e9:.0f} GB/s")
     rows = []
@@ -279,10 +309,15 @@ def main(argv=None):
         print(line)
     print("columns: tok/s = rows * new tokens / wall time of the whole generate call; ms/step: HF = "
           "its time / new tokens, ours = (time - prefill) / (new tokens - 1); fwd 1 step = one cached "
-          "decode-step forward of ours timed alone; prefill = our prefill forward (vision included); "
+          "decode-step forward of ours timed alone (cache half-way: prompt + new tokens / 2); prefill = our prefill forward (vision included); "
           "full fwd = one uncached forward of the whole batch (ms); agree = share of greedy tokens "
           "equal to HF's" + ("; roofline = LM weight bytes * decode steps/s / copy bandwidth "
                              "(whole: steps/s over the whole call)" if dev.type == "cuda" else ""))
+    for r in rows:  # the model's own forward inside each generate (hooks), against the step
+        print(f"batch {r['batch']}: inside generate, the decode-step forward takes HF {r['hf_fwd_in']:.2f} ms of its "
+              f"{r['hf_step_ms']:.2f} ms/step, ours {r['ours_fwd_in']:.2f} ms of {r['ours_step_ms']:.2f} ms/step; "
+              f"HF's step / our forward = {r['hf_step_ms'] / r['ours_fwd_in']:.2f} (the speedup if our "
+              f"steps were nothing but the forward)")
     if args.profile:
         profile_decode(ours, cfg, batches[-1], dev)
     print(f"speedup_vs_hf_generate {min(r['speedup'] for r in rows):.2f}")
