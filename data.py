@@ -679,16 +679,26 @@ def format_question(record, suffix=None):
 # Why traces: a tiny model cannot map pixels to "2" in one jump, but it can read off what it sees
 # (one easy step per object or cell) and then compute (one easy step per operation). The trace
 # turns one hard step into several easy ones. Traces are short (40-120 chars) and regular, because
-# the demo's tokenizer is byte-level. Levels: `easy` (few objects, small numbers) for SFT, `hard`
-# (more objects, more steps, larger numbers) for GRPO; see LEVELS.
+# the demo's tokenizer is byte-level. Levels: `easy` (few objects, short listings) for SFT, `hard`
+# (more objects, longer listings in the same grammar) for GRPO; see LEVELS.
+#
+# Layout: every scene is laid out on the 4x4 grid of 28x28-pixel merged tokens (one shape, one
+# bar, one table cell, one geometry label per token), and digits are drawn large inside a token,
+# never cut by a token border: a tiny vision tower reads one thing per token.
+#
+# make_split(..., shortcut=f) replaces a fraction f of the traces by the summary alone
+# (shortcut_trace: '<think>The red count is 2.</think> ...'), like the paper's unfiltered first SFT
+# set, where many traces answer without reading the image (sft.py --shortcut; off by default:
+# measured, GRPO did not learn to prefer reading, because on this world answering directly is
+# nearly as accurate as reading first). The test and the GRPO prompts only use the answers.
 #
 # A record (one JSONL line): id, image (path relative to the JSONL), question, answer, choices
 # (multiple choice only: then `answer` is a letter A-D and the prompt builder must show the options,
 # which are not in `question`), solution (the trace), family, level, kind (the question kind that
 # `answer_from_scene` takes, e.g. "color=red", "tallest", "col_sum=2", "area") and scene.
 #
-# Text is drawn with a hand-made 3x5 pixel digit font scaled up, so it is legible at 14-pixel
-# patches and needs no font file. Determinism: problem i of a split uses random.Random(
+# Text is drawn with a hand-made 3x5 pixel digit font scaled 4x (11x19 pixels), so it needs no
+# font file. Determinism: problem i of a split uses random.Random(
 # f"{split}:{seed}:{i}") (string seeds are hashed with SHA-512, independent of PYTHONHASHSEED), so
 # the train streams ("train:0:i", "train:1:i", ...) and the test stream ("test:1234:i") never
 # share a generator, and record i does not depend on n. PNGs are written with no metadata: the same
@@ -703,9 +713,13 @@ COLORS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (40, 70, 220), "
 COUNT_COLORS = ("red", "green", "blue")  # counting uses three colours (DESIGN.md 6 measured this)
 KINDS = ("circle", "square", "triangle")
 WHITE, BLACK, GRID, FILL = (255, 255, 255), (0, 0, 0), (190, 190, 190), (170, 210, 240)
-LEVELS = {  # what makes a level hard: more objects, more steps, larger numbers
-    "easy": dict(count_n=(2, 5), bars_n=3, bars_max=5, table_rows=2, table_cols=2, side=(1, 5)),
-    "hard": dict(count_n=(6, 10), bars_n=4, bars_max=9, table_rows=3, table_cols=3, side=(3, 9)),
+LEVELS = {  # what makes a level hard: more objects and longer listings, in the same trace grammar
+    # Hard stays within reach of the easy-trained model's own samples (as in DESIGN.md 6): the
+    # same listing steps, only more of them, and the same numbers (bars 1-6, table digits 1-9).
+    # Easy already mixes listing lengths (2-3 bars; 2x2, 2x3 and 3x2 tables), so the model learns
+    # "list what is there" rather than "list three"; hard asks for 4 bars and 3x3 tables.
+    "easy": dict(count_n=(2, 5), bars_n=(2, 3), bars_max=6, table_shapes=((2, 2), (2, 3), (3, 2)), side=(1, 5)),
+    "hard": dict(count_n=(6, 10), bars_n=(4, 4), bars_max=6, table_shapes=((3, 3),), side=(2, 6)),
 }
 GEO_MC = 0.5               # probability that a geometry problem is multiple choice
 DIGITS = {  # 3x5 pixel font, rows top to bottom
@@ -802,28 +816,30 @@ def text_count(scene, kind, ans, choices=None):
 
 
 def make_bars(p, rng):
-    colors = rng.sample(list(COLORS), p["bars_n"])
+    n = rng.randint(*p["bars_n"])
+    colors = rng.sample(list(COLORS), n)
     while True:  # unique tallest and shortest, so the multiple-choice answers are well defined
         values = [rng.randint(1, p["bars_max"]) for _ in colors]
         if values.count(max(values)) == 1 and values.count(min(values)) == 1:
             break
-    scene = {"bars": [dict(color=c, value=v) for c, v in zip(colors, values)], "max": p["bars_max"]}
+    cols = sorted(rng.sample(range(4), n))  # which 28-pixel columns hold a bar, left to right
+    scene = {"bars": [dict(color=c, value=v, col=k) for c, v, k in zip(colors, values, cols)],
+             "max": p["bars_max"]}
     kind = rng.choice(["tallest", "shortest", "value=" + rng.choice(colors)])
     return scene, kind
 
 
 def draw_bars(scene):
+    """Each bar fills the middle of one 28-pixel column (one merged token wide), so a token sees
+    one bar; a grey gridline per unit makes heights readable."""
     img, d = canvas()
-    left, right, base, top = 6, BASE - 4, BASE - 6, 6
-    unit = (base - top) // scene["max"]
+    base, unit = BASE - 6, (BASE - 12) // scene["max"]
     for v in range(1, scene["max"] + 1):
-        d.line([left, base - v * unit, right, base - v * unit], fill=GRID, width=1)
-    slot = (right - left) // len(scene["bars"])
-    for i, b in enumerate(scene["bars"]):
-        x0 = left + i * slot + 4
-        d.rectangle([x0, base - b["value"] * unit, x0 + slot - 8, base], fill=COLORS[b["color"]])
-    d.line([left, base, right, base], fill=BLACK, width=2)
-    d.line([left, top, left, base], fill=BLACK, width=2)
+        d.line([0, base - v * unit, BASE, base - v * unit], fill=GRID, width=1)
+    for b in scene["bars"]:
+        x0 = 28 * b["col"] + 5
+        d.rectangle([x0, base - b["value"] * unit, x0 + 17, base], fill=COLORS[b["color"]])
+    d.line([0, base, BASE, base], fill=BLACK, width=2)
     return img
 
 
@@ -845,25 +861,28 @@ def text_bars(scene, kind, ans, choices=None):
 
 
 def make_table(p, rng):
-    rows, cols = p["table_rows"], p["table_cols"]
-    scene = {"cells": [[rng.randint(1, 9) for _ in range(cols)] for _ in range(rows)]}
+    rows, cols = rng.choice(p["table_shapes"])
+    scene = {"cells": [[rng.randint(1, 9) for _ in range(cols)] for _ in range(rows)],
+             "r0": rng.randint(0, 4 - rows), "c0": rng.randint(0, 4 - cols)}  # where on the 4x4 grid
     kind = rng.choice([f"col_sum={rng.randint(1, cols)}", f"row_sum={rng.randint(1, rows)}",
                        f"row_max={rng.randint(1, rows)}"])
     return scene, kind
 
 
 def draw_table(scene):
+    """Every table cell is exactly one 28x28 merged token, its digit drawn large in the middle:
+    the vision tower reads one digit per token instead of a digit cut across token borders."""
     img, d = canvas()
     cells = scene["cells"]
-    rows, cols, m = len(cells), len(cells[0]), 6
-    ch, cw = (BASE - 2 * m) // rows, (BASE - 2 * m) // cols
+    rows, cols = len(cells), len(cells[0])
+    x0, y0 = 28 * scene.get("c0", 0), 28 * scene.get("r0", 0)
     for r in range(rows + 1):
-        d.line([m, m + r * ch, m + cols * cw, m + r * ch], fill=BLACK, width=2)
+        d.line([x0, y0 + 28 * r, x0 + 28 * cols, y0 + 28 * r], fill=BLACK, width=2)
     for c in range(cols + 1):
-        d.line([m + c * cw, m, m + c * cw, m + rows * ch], fill=BLACK, width=2)
+        d.line([x0 + 28 * c, y0, x0 + 28 * c, y0 + 28 * rows], fill=BLACK, width=2)
     for r, row in enumerate(cells):
         for c, v in enumerate(row):
-            draw_number(d, m + c * cw + cw // 2, m + r * ch + ch // 2, v, scale=4)
+            draw_number(d, x0 + 28 * c + 14, y0 + 28 * r + 14, v, scale=4)
     return img
 
 
@@ -893,23 +912,28 @@ def make_geometry(p, rng):
         a, b = rng.randint(*p["side"]), rng.randint(*p["side"])
         if shape == "rect" or a * b % 2 == 0:  # triangle areas stay whole numbers
             break
-    scene = {"shape": shape, "a": a, "b": b, "dx": rng.randint(-4, 4), "dy": rng.randint(-4, 4)}
+    scene = {"shape": shape, "a": a, "b": b, "dx": rng.randint(-3, 3), "dy": rng.randint(-3, 3)}
     kind = rng.choice(["area", "perimeter"]) if shape == "rect" else "area"
     return scene, kind
 
 
 def draw_geometry(scene):
+    """The shape lies in the top-right 3x3 merged tokens, drawn roughly to scale; each side's label
+    is a large digit alone in one token of the bottom row (width) or the left column (height),
+    the token next to the middle of its side."""
     img, d = canvas()
-    w, h = 30 + 5 * scene["a"], 24 + 5 * scene["b"]  # drawn roughly to scale, side <= 9 fits
-    x0, y1 = 26 + scene["dx"], 82 + scene["dy"]
+    w, h = 22 + 9 * scene["a"], 22 + 9 * scene["b"]  # side <= 6 fits in 84 pixels
+    x0, y1 = 28 + (84 - w) // 2 + scene["dx"], 84 - (84 - h) // 2 + scene["dy"]
     x1, y0 = x0 + w, y1 - h
     if scene["shape"] == "rect":
         d.rectangle([x0, y0, x1, y1], fill=FILL, outline=BLACK, width=3)
     else:
         d.polygon([(x0, y0), (x0, y1), (x1, y1)], fill=FILL, outline=BLACK, width=3)
         d.rectangle([x0, y1 - 8, x0 + 8, y1], outline=BLACK, width=2)  # right-angle mark
-    draw_number(d, (x0 + x1) // 2, y1 + 14, scene["a"], scale=3)
-    draw_number(d, x0 - 12, (y0 + y1) // 2, scene["b"], scale=3)
+    col = min(3, max(1, ((x0 + x1) // 2) // 28))
+    row = min(2, max(0, ((y0 + y1) // 2) // 28))
+    draw_number(d, 28 * col + 14, 98, scene["a"], scale=4)
+    draw_number(d, 14, 28 * row + 14, scene["b"], scale=4)
     return img
 
 
@@ -993,9 +1017,19 @@ def make_problem(family, level, rng, image_size=IMAGE_SIZE):
     return prob
 
 
-def make_split(n, level, seed, families=None, split="train", image_size=IMAGE_SIZE):
+def shortcut_trace(solution):
+    """The same answer with the reading skipped: '<think>The red count is 2.</think> The red count
+    is 2. <answer>2</answer>' (the summary, stated with nothing read off the image)."""
+    summary, answer = solution.split("</think> ", 1)[1].split(" <answer>")
+    return trace(summary, summary, answer[:-len("</answer>")])
+
+
+def make_split(n, level, seed, families=None, split="train", image_size=IMAGE_SIZE, shortcut=0.0):
     """n problems in memory. Families go round-robin; level 'mix' alternates easy/hard per round,
-    so every family gets both levels. Problem i uses random.Random(f'{split}:{seed}:{i}')."""
+    so every family gets both levels. Problem i uses random.Random(f'{split}:{seed}:{i}').
+    shortcut: the fraction of problems whose trace jumps to the answer (shortcut_trace), like the
+    paper's unfiltered first SFT set, whose traces often answer without reading the image
+    carefully; drawn from its own stream, so the problems themselves do not change."""
     families = list(families or FAMILIES)
     probs = []
     for i in range(n):
@@ -1003,6 +1037,8 @@ def make_split(n, level, seed, families=None, split="train", image_size=IMAGE_SI
         lvl = level if level != "mix" else ("easy", "hard")[(i // len(families)) % 2]
         p = make_problem(fam, lvl, random.Random(f"{split}:{seed}:{i}"), image_size)
         p["id"] = f"{split}{seed}_{i:05d}"
+        if shortcut and random.Random(f"shortcut:{split}:{seed}:{i}").random() < shortcut:
+            p["solution"] = shortcut_trace(p["solution"])
         probs.append(p)
     return probs
 
@@ -1058,11 +1094,11 @@ def synth_main(argv=None):
         recs = write_split(args.out, args.n, args.level, args.seed, families, args.image_size)
     print(f"wrote {len(recs)} problems to {args.out}/data.jsonl in {time.time() - t0:.1f}s")
 
-def synth_records(n, level, seed, split="train", families=None, image_size=IMAGE_SIZE):
+def synth_records(n, level, seed, split="train", families=None, image_size=IMAGE_SIZE, shortcut=0.0):
     """The same problems as write_split, in memory, in the record form the readers return (the
     images are PIL images instead of paths). What sft.py, grpo.py and eval.py use by default."""
     recs = []
-    for p in make_split(n, level, seed, families, split, image_size):
+    for p in make_split(n, level, seed, families, split, image_size, shortcut):
         meta = {k: p[k] for k in ("family", "level", "kind", "scene")}
         recs.append(dict(id=p["id"], images=[p["image"]], question=p["question"], answer=p["answer"],
                          choices=p.get("choices"), solution=p["solution"], meta=meta,

@@ -2,6 +2,7 @@
 GRPO, by hand: sample G completions per prompt, score them, push up the better ones.
 
     python grpo.py                                   # the embedded demo: runs/sft1 -> runs/grpo1
+    python grpo.py --staircase                       # SFT1 -> GRPO1 -> SFT2 -> GRPO2 (see staircase())
     torchrun --nproc_per_node=8 grpo.py --model DIR --data train.jsonl ...   # FSDP2, see README
 
 One step (a "rollout"), for P prompts:
@@ -137,6 +138,7 @@ def get_args(argv=None):
     p.add_argument("--model", default="runs/sft1", help="policy to start from (checkpoint dir); also the KL reference")
     p.add_argument("--data", default=None, help="training prompts (JSONL, any reader format); default: hard synthetic problems")
     p.add_argument("--n-train", type=int, default=4000, help="synthetic training problems when --data is not given")
+    p.add_argument("--level", default="hard", choices=["easy", "hard", "mix"], help="their level")
     p.add_argument("--out", default="runs/grpo1", help="output directory (checkpoints, metrics.jsonl)")
     p.add_argument("--suffix", default="", help="text after each question: '' or 'r1' (the paper's prompt)")
     p.add_argument("--max-pixels", type=int, default=512 * 512, help="image resize cap, pixels")
@@ -155,12 +157,12 @@ def get_args(argv=None):
     p.add_argument("--seq-mean", action="store_true", help="mean per completion, then over completions (default: token-mean)")
     p.add_argument("--format-weight", type=float, default=0.0, help="weight of the format reward (paper: 0)")
     # optimization
-    p.add_argument("--steps", type=int, default=150, help="rollouts")
-    p.add_argument("--prompts-per-rollout", type=int, default=8, help="prompts sampled per rollout (all ranks)")
-    p.add_argument("--prompts-per-step", type=int, default=8, help="prompts per optimizer step (all ranks)")
+    p.add_argument("--steps", type=int, default=100, help="rollouts")
+    p.add_argument("--prompts-per-rollout", type=int, default=16, help="prompts sampled per rollout (all ranks)")
+    p.add_argument("--prompts-per-step", type=int, default=16, help="prompts per optimizer step (all ranks)")
     p.add_argument("--mu", type=int, default=1, help="passes over each rollout")
     p.add_argument("--micro-batch", type=int, default=64, help="sequences per forward/backward, per rank")
-    p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (constant, no warmup)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (constant, no warmup)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
     p.add_argument("--freeze-vision", action="store_true", help="do not train the vision tower and merger")
@@ -208,7 +210,7 @@ def main(argv=None):
     if a.data:
         records, n_bad = data.load_records(a.data)
     else:
-        records = data.synth_records(a.n_train, "hard", seed=1)
+        records = data.synth_records(a.n_train, a.level, seed=1)
     test = data.synth_test_records(a.eval_n) if a.eval_every else None
     log = sft.MetricsLogger(os.path.join(a.out, "metrics.jsonl"), resume_step=start if ck else None)
     suffix = data.SUFFIXES.get(a.suffix, a.suffix)
@@ -332,12 +334,14 @@ def main(argv=None):
 # the paper's staircase on the embedded world: SFT1 -> GRPO1 -> SFT2 -> GRPO2
 
 
-def staircase(root="runs", n_distill=4000, k=4):
+def staircase(root="runs", n_distill=12000, k=2):
     """Iteration 1: SFT on the generator's gold traces (easy problems), then GRPO (hard ones).
     Iteration 2, as the paper builds it: the GRPO1 model answers n_distill training problems k
     times each (sample.py --task distill), data.py traces keeps the shortest correct answer of
     each, sft.py trains on that from the base (the random tiny model here, Qwen2.5-VL-7B in the
-    paper), and GRPO runs again from there. Each stage is evaluated greedily on the held-out
+    paper), and GRPO runs again from there (12000 problems x 2 samples: SFT2 then trains its 2000
+    steps on several thousand kept traces instead of overfitting a few thousand; sampling them
+    takes a few minutes). Each stage is evaluated greedily on the held-out
     test; the table goes to runs/staircase.md. Stages already done (their model exists) are
     skipped, so a rerun continues. One process (run the stages by hand for torchrun)."""
     import json as _json

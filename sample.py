@@ -39,6 +39,11 @@ caption + question, k traces a record; `python data.py traces` then keeps the sh
 Each step writes its input records back with one field added (`caption`, `traces`), one line per
 record, appended per batch; a rerun skips the records already in --out. Sampling defaults depend
 on --task (TASK_DEFAULTS): a greedy caption; R1's temperature 0.6, top-p 0.95 for reasoning.
+
+Later iterations (the paper's loop): the current VLM answers each training record k times and
+the shortest correct answer becomes the next SFT set:
+    python sample.py --task distill --model runs/grpo1 --data train.jsonl --out samples.jsonl --n 4
+    python data.py traces --data samples.jsonl --out sft2.jsonl
 """
 
 import argparse

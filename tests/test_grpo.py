@@ -176,15 +176,10 @@ def test_learning_raises_the_reward(world, tmp_path, monkeypatch):
     """30 rollouts on the dense toy reward (share of ASCII letters, tests/dist_grpo.py): the mean
     reward of the last 5 rollouts beats the first 5's by a clear margin."""
     monkeypatch.setattr(grpo.reward, "accuracy_reward", dist_grpo.letter_share)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        grpo.main(["--model", world["model"], "--data", world["data"], "--out", str(tmp_path), "--steps", "30",
-                   "--group-size", "8", "--prompts-per-rollout", "4", "--prompts-per-step", "4",
-                   "--max-new-tokens", "8", "--eval-every", "0", "--save-every", "1000", "--lr", "1e-2",
-                   "--beta", "0.0", "--device", "cpu", "--seed", "0"])
-    finally:
-        torch.set_num_threads(n)
+    grpo.main(["--model", world["model"], "--data", world["data"], "--out", str(tmp_path), "--steps", "30",
+               "--group-size", "8", "--prompts-per-rollout", "4", "--prompts-per-step", "4",
+               "--max-new-tokens", "8", "--eval-every", "0", "--save-every", "1000", "--lr", "1e-2",
+               "--beta", "0.0", "--device", "cpu", "--seed", "0"])
     r = [m["reward"] for m in metrics(tmp_path)]
     first, last = sum(r[:5]) / 5, sum(r[-5:]) / 5
     assert last > first + 0.2, (first, last)

@@ -19,14 +19,6 @@ TOL = 1e-5
 QUESTIONS = ["Hi", "What is 2 + 4?", "Image description: two red circles. How many red shapes?"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     return data.save_tiny_tokenizer(tmp_path_factory.mktemp("tok"))

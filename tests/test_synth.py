@@ -126,10 +126,11 @@ def test_traces_score_full_reward(mixed):
 
 
 def test_levels_differ_in_difficulty():
+    # hard = more objects and longer listings in the same trace grammar and the same numbers
     easy, hard = S.LEVELS["easy"], S.LEVELS["hard"]
     assert easy["count_n"][1] < hard["count_n"][0]
-    assert easy["bars_n"] < hard["bars_n"] and easy["bars_max"] < hard["bars_max"]
-    assert easy["table_rows"] * easy["table_cols"] < hard["table_rows"] * hard["table_cols"]
+    assert easy["bars_n"][1] < hard["bars_n"][1] and easy["bars_max"] == hard["bars_max"]
+    assert max(r * c for r, c in easy["table_shapes"]) < min(r * c for r, c in hard["table_shapes"])
     assert easy["side"][1] < hard["side"][1]
     rng = random.Random(0)
     for level, p in S.LEVELS.items():
@@ -137,9 +138,12 @@ def test_levels_differ_in_difficulty():
             s = S.make_problem("count", level, rng)["scene"]
             assert p["count_n"][0] <= len(s["shapes"]) <= p["count_n"][1]
             s = S.make_problem("bars", level, rng)["scene"]
-            assert len(s["bars"]) == p["bars_n"] and max(b["value"] for b in s["bars"]) <= p["bars_max"]
+            assert p["bars_n"][0] <= len(s["bars"]) <= p["bars_n"][1]
+            assert max(b["value"] for b in s["bars"]) <= p["bars_max"]
+            assert [b["col"] for b in s["bars"]] == sorted({b["col"] for b in s["bars"]})  # left to right
             s = S.make_problem("table", level, rng)["scene"]
-            assert (len(s["cells"]), len(s["cells"][0])) == (p["table_rows"], p["table_cols"])
+            assert (len(s["cells"]), len(s["cells"][0])) in p["table_shapes"]
+            assert s["r0"] + len(s["cells"]) <= 4 and s["c0"] + len(s["cells"][0]) <= 4  # on the token grid
             s = S.make_problem("geometry", level, rng)["scene"]
             assert p["side"][0] <= min(s["a"], s["b"]) and max(s["a"], s["b"]) <= p["side"][1]
 
@@ -174,3 +178,19 @@ def test_cli(tmp_path):
     assert {r["level"] for r in recs} == {"hard"}
     with pytest.raises(SystemExit):
         S.synth_main(["--out", str(tmp_path), "--families", "nope"])
+
+
+def test_shortcut_traces():
+    plain = S.make_split(40, "easy", 0)
+    short = S.make_split(40, "easy", 0, shortcut=0.5)
+    changed = 0
+    for a, b in zip(plain, short):
+        assert (a["question"], a["answer"], a["scene"]) == (b["question"], b["answer"], b["scene"])
+        if a["solution"] != b["solution"]:
+            changed += 1
+            # the reading is skipped: the think only states the summary, the answer is the same
+            assert b["solution"] == S.shortcut_trace(a["solution"])
+            think, rest = b["solution"][len("<think>"):].split("</think> ")
+            assert rest.startswith(think) and b["solution"].endswith(f"<answer>{a['answer']}</answer>")
+    assert 10 <= changed <= 30
+    assert S.make_split(40, "easy", 0, shortcut=0.5) == short  # deterministic
