@@ -38,6 +38,7 @@ The paper's recipe on a real checkpoint (see README):
 """
 
 import argparse
+import json
 import os
 import time
 
@@ -342,11 +343,10 @@ def staircase(root="runs", n_distill=12000, k=2):
     paper), and GRPO runs again from there (12000 problems x 2 samples: SFT2 then trains its 2000
     steps on several thousand kept traces instead of overfitting a few thousand; sampling them
     takes a few minutes). Each stage is evaluated greedily on the held-out
-    test; the table goes to runs/staircase.md. Stages already done (their model exists) are
-    skipped, so a rerun continues. One process (run the stages by hand for torchrun)."""
-    import json as _json
-    import eval as E
-    import sample as S
+    test; the table goes to runs/staircase.md. Stages already done (in runs/staircase.json, with
+    their model on disk) are skipped, so a rerun continues. One process (run the stages by hand
+    for torchrun)."""
+    import eval as E  # (below us in the reading order: imported only when used)
     d = lambda *p: os.path.join(root, *p)
     stages = [
         ("SFT1", d("sft1"), f"python sft.py --out {d('sft1')}",
@@ -365,7 +365,7 @@ def staircase(root="runs", n_distill=12000, k=2):
     def sft2():
         if not os.path.exists(d("distill", "data.jsonl")):
             data.write_split(d("distill"), n_distill, "mix", seed=2)
-        S.main(["--task", "distill", "--model", d("grpo1"), "--data", d("distill", "data.jsonl"),
+        sample.main(["--task", "distill", "--model", d("grpo1"), "--data", d("distill", "data.jsonl"),
                 "--out", d("distill", "samples.jsonl"), "--n", str(k), "--max-new-tokens", "160",
                 "--batch-size", "64", "--device", "cpu"])
         data.main(["traces", "--data", d("distill", "samples.jsonl"), "--out", d("sft2.jsonl")])
@@ -376,7 +376,7 @@ def staircase(root="runs", n_distill=12000, k=2):
     table_path, rows = d("staircase.json"), {}
     if os.path.exists(table_path):
         with open(table_path) as f:
-            rows = _json.load(f)
+            rows = json.load(f)
     for name, out, cmd, run in stages:
         if name not in rows or not os.path.exists(os.path.join(out, "config.json")):
             print(f"\n=== {name}: {cmd}", flush=True)
@@ -390,7 +390,7 @@ def staircase(root="runs", n_distill=12000, k=2):
                               level={k: v[0] for k, v in s["by"].get("level", {}).items()},
                               seconds=seconds, command=cmd)
             with open(table_path, "w") as f:
-                _json.dump(rows, f, indent=1)
+                json.dump(rows, f, indent=1)
         r = rows[name]
         print(f"{name}: test accuracy {r['accuracy']:.1%} ({r['seconds'] / 60:.1f} min)", flush=True)
     fams = sorted(next(iter(rows.values()))["family"])
