@@ -348,6 +348,16 @@ def staircase(root="runs", n_distill=12000, k=2):
     for torchrun)."""
     import eval as E  # (below us in the reading order: imported only when used)
     d = lambda *p: os.path.join(root, *p)
+
+    def sft2():  # the GRPO1 model writes the next SFT set; SFT from the base on it
+        if not os.path.exists(d("distill", "data.jsonl")):
+            data.write_split(d("distill"), n_distill, "mix", seed=2)
+        sample.main(["--task", "distill", "--model", d("grpo1"), "--data", d("distill", "data.jsonl"),
+                     "--out", d("distill", "samples.jsonl"), "--n", str(k), "--max-new-tokens", "160",
+                     "--batch-size", "64"])
+        data.main(["traces", "--data", d("distill", "samples.jsonl"), "--out", d("sft2.jsonl")])
+        sft.train(sft.parser().parse_args(["--data", d("sft2.jsonl"), "--out", d("sft2"), "--eval-n", "0"]))
+
     stages = [
         ("SFT1", d("sft1"), f"python sft.py --out {d('sft1')}",
          lambda: sft.train(sft.parser().parse_args(["--out", d("sft1"), "--eval-n", "0"]))),
@@ -357,20 +367,11 @@ def staircase(root="runs", n_distill=12000, k=2):
          f"python sample.py --task distill --model {d('grpo1')} --data {d('distill', 'data.jsonl')} "
          f"--out {d('distill', 'samples.jsonl')} --n {k} --max-new-tokens 160 --batch-size 64\n"
          f"python data.py traces --data {d('distill', 'samples.jsonl')} --out {d('sft2.jsonl')}\n"
-         f"python sft.py --data {d('sft2.jsonl')} --out {d('sft2')}", None),
+         f"python sft.py --data {d('sft2.jsonl')} --out {d('sft2')}", sft2),
         ("GRPO2", d("grpo2"), f"python grpo.py --model {d('sft2')} --out {d('grpo2')}",
          lambda: main(["--model", d("sft2"), "--out", d("grpo2"), "--eval-every", "0"])),
     ]
 
-    def sft2():
-        if not os.path.exists(d("distill", "data.jsonl")):
-            data.write_split(d("distill"), n_distill, "mix", seed=2)
-        sample.main(["--task", "distill", "--model", d("grpo1"), "--data", d("distill", "data.jsonl"),
-                "--out", d("distill", "samples.jsonl"), "--n", str(k), "--max-new-tokens", "160",
-                "--batch-size", "64", "--device", "cpu"])
-        data.main(["traces", "--data", d("distill", "samples.jsonl"), "--out", d("sft2.jsonl")])
-        sft.train(sft.parser().parse_args(["--data", d("sft2.jsonl"), "--out", d("sft2"), "--eval-n", "0"]))
-    stages[2] = stages[2][:3] + (sft2,)
 
     test = data.synth_test_records()
     table_path, rows = d("staircase.json"), {}

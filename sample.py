@@ -413,15 +413,12 @@ def run_batch(model, tok, data_path, out_path, batch_size, px, kw):
     """Sample every record of a JSONL file; append one line per completion to out_path. Records
     whose n completions are already in out_path are skipped (a rerun resumes)."""
     from tqdm import tqdm
-    records, n_bad = data.load_records(data_path)
-    done, lines = {}, []
-    if os.path.exists(out_path):
-        with open(out_path) as f:
-            lines = [json.loads(line) for line in f if line.strip()]
-        for r in lines:
-            done[r["id"]] = done.get(r["id"], 0) + 1
-        if any(c < kw["n"] for c in done.values()):  # a batch cut short: drop its partial records
-            data.write_jsonl(out_path, [r for r in lines if done[r["id"]] >= kw["n"]])
+    records, _ = data.load_records(data_path)
+    done, lines = {}, load_done(out_path)
+    for r in lines:
+        done[r["id"]] = done.get(r["id"], 0) + 1
+    if any(c < kw["n"] for c in done.values()):  # a batch cut short: drop its partial records
+        data.write_jsonl(out_path, [r for r in lines if done[r["id"]] >= kw["n"]])
     todo = [(i, r) for i, r in enumerate(records) if done.get(r["id"], 0) < kw["n"]]
     print(f"{len(records)} records, {len(records) - len(todo)} already done, {len(todo)} to sample", file=sys.stderr)
     with open(out_path, "a") as f, tqdm(total=len(todo), desc="sample") as bar:
