@@ -15,8 +15,12 @@ the medians are reported.
 Printed per batch size: tokens/s of each (rows * new tokens / wall time of the whole call, vision
 and prefill included), the ratio, ms per decode step of ours (the generate time minus its
 prefill, per step; and one cached decode-step forward timed directly) against one full-sequence
-forward of the same batch (no cache), and on cuda the share of the memory-bandwidth roofline:
-LM weight bytes * decode steps/s / the bandwidth of a large device-to-device copy.
+forward of the same batch (no cache), and the share of the memory-bandwidth roofline: LM weight
+bytes * decode steps/s / the bandwidth of a large copy on the device (on the CPU, with the same
+threads). A decode step at batch 16 must read every LM weight once, so weight bytes / bandwidth is
+a floor on its time whatever the code does; HF's step over that floor bounds any speedup. On a
+CPU in float32 the products, not the bytes, bind: the LM's matmuls timed alone give the other
+floor, and HF's step over it is the most a sampler using the same BLAS can gain.
 
 Then, from one more run of each with hooks on the model's forward: the decode-step forward's
 share of each side's step. HF's ms/step divided by our forward is the speedup we would get if our
@@ -113,7 +117,8 @@ def timed(dev, fn):
 
 
 def copy_bandwidth(dev, nbytes=2 * 2**30, reps=10):
-    """Bytes moved per second (read + write) by a large device-to-device copy."""
+    """Bytes moved per second (read + write) by a large device-to-device copy (on the CPU: with
+    the torch threads this run uses, a buffer far larger than the caches)."""
     x = torch.empty(nbytes, dtype=torch.uint8, device=dev)
     y = torch.empty_like(x)
     y.copy_(x)
@@ -184,6 +189,20 @@ def forward_ms_in(model, dev, fn):
     return 1e3 * statistics.median(times[1:])
 
 
+def matmul_floor_ms(model, B, dev, reps=20):
+    """ms of the decode step's matrix products alone: every linear layer of the language model
+    (and the LM head) applied once to B rows, timed back to back with the same BLAS both sides
+    use. Any implementation in this dtype pays at least this per step (on a CPU, where a batch-16
+    step is compute-bound rather than bandwidth-bound, it is the floor that counts)."""
+    mods = [m for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)] + [model.lm_head]
+    xs = [torch.randn(B, m.in_features, device=dev, dtype=m.weight.dtype) for m in mods]
+    with torch.no_grad():
+        run = lambda: [torch.nn.functional.linear(x, m.weight, m.bias) for x, m in zip(xs, mods)]  # noqa: E731
+        run()
+        t, _ = timed(dev, lambda: [run() for _ in range(reps)])
+    return 1e3 * t / reps
+
+
 def bench_batch(ours, hf, cfg, B, args, dev):
     from transformers import GenerationConfig
     N = args.new_tokens
@@ -227,10 +246,12 @@ def bench_batch(ours, hf, cfg, B, args, dev):
              step_ms=step_ms, prefill_ms=prefill_ms, full_ms=full_ms,
              ours_step_ms=1e3 * (ours_s - prefill_ms / 1e3) / max(N - 1, 1),
              hf_step_ms=1e3 * hf_s / N, hf_fwd_in=hf_fwd_in, ours_fwd_in=ours_fwd_in)
-    if dev.type == "cuda":
-        decode_steps_per_s = (N - 1) / max(ours_s - prefill_ms / 1e3, 1e-9)
-        r["roofline"] = args.weight_bytes * decode_steps_per_s / args.bandwidth
-        r["roofline_whole"] = args.weight_bytes * (N / ours_s) / args.bandwidth
+    decode_steps_per_s = (N - 1) / max(ours_s - prefill_ms / 1e3, 1e-9)
+    r["roofline"] = args.weight_bytes * decode_steps_per_s / args.bandwidth
+    r["roofline_whole"] = args.weight_bytes * (N / ours_s) / args.bandwidth
+    r["hf_roofline"] = args.weight_bytes * (N / hf_s) / args.bandwidth
+    r["bound_ms"] = 1e3 * args.weight_bytes / args.bandwidth  # a step that only reads the weights once
+    r["mm_ms"] = matmul_floor_ms(ours, B, dev)  # a step that only multiplies
     return r
 
 
@@ -281,14 +302,14 @@ def main(argv=None):
     cfg = ours.config
     nparams = sum(p.numel() for p in ours.parameters())
     args.weight_bytes = lm_weight_bytes(ours)
-    args.bandwidth = copy_bandwidth(dev) if dev.type == "cuda" else None
+    args.bandwidth = copy_bandwidth(dev, nbytes=2 * 2**30 if dev.type == "cuda" else 2**28)
     print(f"device {dev} ({torch.cuda.get_device_name() if dev.type == 'cuda' else f'{args.threads} threads'}), "
           f"dtype {str(dtype).replace('torch.', '')}, config {args.config}: hidden {cfg.hidden_size}, "
           f"layers {cfg.num_hidden_layers}, vocab {cfg.vocab_size}, {nparams / 1e6:.1f}M params, "
           f"LM weights {args.weight_bytes / 2**20:.1f} MiB; new tokens {args.new_tokens}, greedy, "
           f"median of {args.repeats}, torch {torch.__version__}, transformers {transformers.__version__}")
-    if args.bandwidth:
-        print(f"device-to-device copy bandwidth {args.bandwidth / 1e9:.0f} GB/s")
+    print(f"copy bandwidth {args.bandwidth / 1e9:.1f} GB/s: reading the LM weights once takes "
+          f"{1e3 * args.weight_bytes / args.bandwidth:.2f} ms (the floor of a decode step)")
     rows = []
     for B in batches:
         r = bench_batch(ours, hf, cfg, B, args, dev)
@@ -297,27 +318,28 @@ def main(argv=None):
               f"greedy token agreement {r['agree']:.3f}", file=sys.stderr)
     hdr = (f"{'batch':>5} {'HF tok/s':>10} {'ours tok/s':>10} {'speedup':>8} {'HF ms/step':>10} "
            f"{'ours ms/step':>12} {'fwd 1 step':>10} {'prefill':>9} {'full fwd':>9} {'agree':>6}")
-    if dev.type == "cuda":
-        hdr += f" {'roofline':>8} {'(whole)':>8}"
+    hdr += f" {'roofline':>8} {'(whole)':>8} {'HF roof':>8}"
     print(hdr)
     for r in rows:
         line = (f"{r['batch']:>5} {r['hf_tok_s']:>10.1f} {r['ours_tok_s']:>10.1f} {r['speedup']:>8.2f} "
                 f"{r['hf_step_ms']:>10.2f} {r['ours_step_ms']:>12.2f} {r['step_ms']:>10.2f} "
                 f"{r['prefill_ms']:>9.1f} {r['full_ms']:>9.1f} {r['agree']:>6.3f}")
-        if dev.type == "cuda":
-            line += f" {100 * r['roofline']:>7.1f}% {100 * r['roofline_whole']:>7.1f}%"
+        line += f" {100 * r['roofline']:>7.1f}% {100 * r['roofline_whole']:>7.1f}% {100 * r['hf_roofline']:>7.1f}%"
         print(line)
     print("columns: tok/s = rows * new tokens / wall time of the whole generate call; ms/step: HF = "
           "its time / new tokens, ours = (time - prefill) / (new tokens - 1); fwd 1 step = one cached "
           "decode-step forward of ours timed alone (cache half-way: prompt + new tokens / 2); prefill = our prefill forward (vision included); "
           "full fwd = one uncached forward of the whole batch (ms); agree = share of greedy tokens "
-          "equal to HF's" + ("; roofline = LM weight bytes * decode steps/s / copy bandwidth "
-                             "(whole: steps/s over the whole call)" if dev.type == "cuda" else ""))
+          "equal to HF's; roofline = LM weight bytes * decode steps/s / copy bandwidth (whole: "
+          "steps/s over the whole call; HF roof: the same for HF's whole call)")
     for r in rows:  # the model's own forward inside each generate (hooks), against the step
         print(f"batch {r['batch']}: inside generate, the decode-step forward takes HF {r['hf_fwd_in']:.2f} ms of its "
               f"{r['hf_step_ms']:.2f} ms/step, ours {r['ours_fwd_in']:.2f} ms of {r['ours_step_ms']:.2f} ms/step; "
               f"HF's step / our forward = {r['hf_step_ms'] / r['ours_fwd_in']:.2f} (the speedup if our "
-              f"steps were nothing but the forward)")
+              f"steps were nothing but the forward); HF's step / the weight-read floor "
+              f"{r['bound_ms']:.2f} ms = {r['hf_step_ms'] / r['bound_ms']:.2f} (the speedup of a step at the roofline); "
+              f"HF's step / the LM's matrix products alone {r['mm_ms']:.2f} ms = {r['hf_step_ms'] / r['mm_ms']:.2f} "
+              f"(the speedup of a step that did nothing but its matmuls)")
     if args.profile:
         profile_decode(ours, cfg, batches[-1], dev)
     print(f"speedup_vs_hf_generate {min(r['speedup'] for r in rows):.2f}")
