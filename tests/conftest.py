@@ -20,6 +20,24 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+# the micro model of the sft/grpo tests: a few thousand parameters, every part of the real shape
+MICRO = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+             num_key_value_heads=1, mrope_section=[2, 3, 3], vision_depth=2, vision_hidden_size=32,
+             vision_intermediate_size=64, vision_heads=2, fullatt_block_indexes=[1])
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, request):
+    """Per test module: a micro checkpoint (random weights, tiny tokenizer) and a small easy data
+    file of WORLD_ROWS rows (a module-level constant, default 20) with 56 px images."""
+    import data
+    root = tmp_path_factory.mktemp(request.module.__name__.split(".")[-1])
+    ckpt, ds = str(root / "base"), str(root / "data")
+    data.make_tiny_checkpoint(ckpt, seed=0, **MICRO)
+    data.write_split(ds, n=getattr(request.module, "WORLD_ROWS", 20), level="easy", seed=0, image_size=56)
+    return dict(root=root, model=ckpt, data=os.path.join(ds, "data.jsonl"))
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
 

@@ -118,23 +118,12 @@ import data
 import dist_grpo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MICRO = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-             num_key_value_heads=1, mrope_section=[2, 3, 3], vision_depth=2, vision_hidden_size=32,
-             vision_intermediate_size=64, vision_heads=2, fullatt_block_indexes=[1])
+WORLD_ROWS = 16  # rows of the conftest `world` fixture's data file
 # 2 rollouts of 4 prompts x G=4; 2 optimizer steps per rollout (so logp_old is recomputed and the
 # second step is off-policy), micro-batches of 2 rows (accumulation), KL on
 LOOP = ["--steps", "2", "--group-size", "4", "--prompts-per-rollout", "4", "--prompts-per-step", "2",
         "--micro-batch", "2", "--max-new-tokens", "8", "--eval-every", "0", "--lr", "3e-3", "--beta", "0.05",
         "--save-every", "2", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("grpo")
-    ckpt, ds = str(root / "base"), str(root / "data")
-    data.make_tiny_checkpoint(ckpt, seed=0, **MICRO)
-    data.write_split(ds, n=16, level="easy", seed=0, image_size=56)
-    return dict(root=root, model=ckpt, data=os.path.join(ds, "data.jsonl"))
 
 
 def metrics(out):

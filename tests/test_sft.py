@@ -16,22 +16,9 @@ import model as M
 import sft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MICRO = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-             num_key_value_heads=1, mrope_section=[2, 3, 3], vision_depth=2, vision_hidden_size=32,
-             vision_intermediate_size=64, vision_heads=2, fullatt_block_indexes=[1])
 # 6 steps of a global batch of 8 rows over 20 rows: the data order wraps into a second epoch
 COMMON = ["--device", "cpu", "--steps", "6", "--batch-size", "8", "--micro-batch-size", "2",
           "--warmup", "2", "--lr", "3e-3", "--eval-n", "0"]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A micro checkpoint (random weights, tiny tokenizer) and a small data file (56 px images)."""
-    root = tmp_path_factory.mktemp("sft")
-    ckpt, ds = str(root / "base"), str(root / "data")
-    data.make_tiny_checkpoint(ckpt, seed=0, **MICRO)
-    data.write_split(ds, n=20, level="easy", seed=0, image_size=56)
-    return dict(root=root, model=ckpt, data=os.path.join(ds, "data.jsonl"))
 
 
 def run(world, out, *extra):
