@@ -175,6 +175,24 @@ def test_learning_raises_the_reward(world, tmp_path, monkeypatch):
     assert all(m["signal_frac"] > 0 for m in metrics(tmp_path)[:5])
 
 
+def test_families_pick_the_synthetic_prompt_pool(world, tmp_path, monkeypatch):
+    seen = []
+    real = grpo.data.synth_records
+
+    def spy(n, level, seed, **kw):
+        recs = real(n, level, seed, image_size=56, **kw)
+        seen.extend(r["meta"]["family"] for r in recs)
+        return recs
+    monkeypatch.setattr(grpo.data, "synth_records", spy)
+    args = ["--model", world["model"], "--n-train", "6", "--steps", "1", "--group-size", "2",
+            "--prompts-per-rollout", "2", "--prompts-per-step", "2", "--max-new-tokens", "4",
+            "--eval-every", "0", "--device", "cpu"]
+    grpo.main(args + ["--out", str(tmp_path / "ok"), "--families", "geometry,count"])
+    assert sorted(set(seen)) == ["count", "geometry"] and len(seen) == 6
+    with pytest.raises(SystemExit, match="maps"):
+        grpo.main(args + ["--out", str(tmp_path / "bad"), "--families", "count,maps"])
+
+
 @pytest.mark.cuda
 def test_cuda_bf16_short_run(world, tmp_path, monkeypatch):
     """grpo.py on CUDA with bf16 compute (the path a real run takes)."""
