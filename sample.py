@@ -497,6 +497,17 @@ def run_captions(model, tok, data_path, out_path, batch_size, prompt, px, kw):
     return run_records(records, out_path, batch_size, "caption", step)
 
 
+def traces_by_prompt(out, heads):
+    """generate()'s completions grouped by prompt: for prompt b, a list of {text, length,
+    finished}, each text prefixed with heads[b] (what the prompt already opened, e.g. "<think>\n")."""
+    traces = [[] for _ in heads]
+    for j, text in enumerate(out.texts):
+        b = int(out.prompt_index[j])
+        traces[b].append(dict(text=heads[b] + text, length=int(out.lengths[j]),
+                              finished=bool(out.finished[j])))
+    return traces
+
+
 def reason_prompt(tok, template, record):
     """The text model's prompt for one record: the caption and the question (with its options)
     put into the template, as one user turn of the model's own chat template."""
@@ -521,12 +532,8 @@ def run_reasoning(model, tok, data_path, out_path, batch_size, template, kw):
         encs = [{"input_ids": torch.tensor(tok(p, add_special_tokens=False)["input_ids"], dtype=torch.long)}
                 for p in prompts]
         out = generate(model, encs, keys=[i for i, _ in batch], **kw)
-        traces = [[] for _ in batch]
-        for j in range(len(out.texts)):
-            b = int(out.prompt_index[j])
-            head = "<think>\n" if prompts[b].rstrip().endswith("<think>") else ""
-            traces[b].append(dict(text=head + out.texts[j], length=int(out.lengths[j]),
-                                  finished=bool(out.finished[j])))
+        heads = ["<think>\n" if p.rstrip().endswith("<think>") else "" for p in prompts]
+        traces = traces_by_prompt(out, heads)
         return [data.record_row(r, traces=t) for (_, r), t in zip(batch, traces)]
     return run_records(records, out_path, batch_size, "reason", step)
 
@@ -541,10 +548,7 @@ def run_distill(model, tok, data_path, out_path, batch_size, suffix, px, kw):
     def step(batch):
         encs = [data.encode_prompt(tok, data.format_question(r, suffix), r["images"], **px) for _, r in batch]
         out = generate(model, encs, keys=[i for i, _ in batch], **kw)
-        traces = [[] for _ in batch]
-        for j in range(len(out.texts)):
-            traces[int(out.prompt_index[j])].append(dict(text=out.texts[j], length=int(out.lengths[j]),
-                                                         finished=bool(out.finished[j])))
+        traces = traces_by_prompt(out, [""] * len(batch))
         return [data.record_row(r, traces=t) for (_, r), t in zip(batch, traces)]
     return run_records(records, out_path, batch_size, "distill", step)
 
