@@ -105,6 +105,28 @@ def test_padding_does_not_change_logps():
     assert torch.allclose(lp_alone, lp_batch[:3], atol=1e-5)
     assert lp_batch.shape == (10,)
 
+
+def test_trainer_scores_the_tokens_the_sampler_drew():
+    """The update's log-probs (one padded forward over prompt + completion) equal the sampler's
+    own (KV cache, one token at a time) for every sampled token: GRPO pushes on exactly what
+    was drawn, and on-policy rho = 1 is the truth, not an assumption."""
+    import data
+    import model as M
+    import sample
+    tok = data.build_tiny_tokenizer()
+    m = M.Qwen2_5_VL(data.tiny_config(tok, num_hidden_layers=2, vision_depth=1, fullatt_block_indexes=[0])).init_weights(std=0.2, seed=1)
+    recs = data.synth_records(3, "easy", seed=0, image_size=56)
+    encs = [data.encode_prompt(tok, data.format_question(r), r["images"]) for r in recs]
+    # a random model never says <|im_end|>: stop on any of 40 ids instead, so rows end at different lengths
+    s = sample.generate(m, encs, n=2, max_new_tokens=12, temperature=1.0, seed=0, tokenizer=tok, pad_id=0,
+                        stop_ids=list(range(100, 140)))
+    items = grpo.build_sequences(encs, s)
+    with torch.no_grad():
+        lp, _ = grpo.token_logps(m, *grpo.collate_rows(items, 0))
+    drawn = torch.cat([s.logprobs[r, :int(s.lengths[r])] for r in range(len(items))])
+    assert lp.shape == drawn.shape and len(set(s.lengths.tolist())) > 1  # ragged rows, right-padded
+    assert torch.allclose(lp, drawn, atol=1e-4)
+
 # -----------------------------------------------------------------------------
 # the loop: one process against two, and learning
 
