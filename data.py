@@ -687,12 +687,13 @@ def format_question(record, suffix=None):
 # one SFT run of the demo, test accuracy of the family before -> after):
 # - things are found by what they look like, never by position: bars are listed by colour in a
 #   fixed order like counting (listed left to right, the model named the wrong colour for half the
-#   bars; bars 25% -> 80%), and a table column is named by the colour its cells are drawn in;
+#   bars; bars 25% -> 43-80% in four runs), and a table column is named by its cells' colour;
 # - every step is a local one: "which is the tallest" keeps a running best, one comparison per bar
 #   ("green 4 vs 1 green 4"), and a multiple-choice geometry answer checks the options in order
 #   against the value ("A 10 vs 14 no. B 14 vs 14 yes.") instead of recalling which letter held
 #   "14" (the model computed the right value 91% of the time and then picked a letter at chance;
-#   geometry 61% -> 85-92%);
+#   geometry 61% -> 85-92% in two runs; in three others, 61-66%, it copied the value in place of
+#   option A, an error 200 GRPO rollouts did not fix);
 # - table entries are tallies (1-4 squares, one per 14x14 patch of the cell's token), not digits:
 #   the tiny vision tower never learned to read digit glyphs in the budget (10% per-digit
 #   accuracy, chance 11%, with large digits or with a glyph inside one patch). Geometry labels
@@ -879,7 +880,7 @@ def text_bars(scene, kind, ans, choices=None):
     return f"Which colour is the {kind} bar?", trace(think, f"The {kind} is {ans}.", ans)
 
 # -----------------------------------------------------------------------------
-# table: a grid of big digits, the sum of a row or column or the largest in a row, like TabMWP
+# table: a grid of tallies, the sum or the largest of a column named by its colour, like TabMWP
 
 
 TABLE_COLORS = ("red", "green", "blue")  # each column's tallies are drawn in its own colour
@@ -896,9 +897,9 @@ def make_table(p, rng):
 
 
 def draw_table(scene):
-    """Every table cell is exactly one 28x28 merged token, its digit drawn large in the middle in
-    its column's colour: the question names the column by colour, so the model finds its cells
-    by what they look like, not by counting columns from the table's edge."""
+    """Every table cell is exactly one 28x28 merged token holding a tally in its column's colour:
+    the question names the column by colour, so the model finds its cells by what they look
+    like, not by counting columns from the table's edge."""
     img, d = canvas()
     cells = scene["cells"]
     rows, cols = len(cells), len(cells[0])
