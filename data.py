@@ -697,7 +697,7 @@ def format_question(record, suffix=None):
 # - table entries are tallies (1-4 squares, one per 14x14 patch of the cell's token), not digits:
 #   the tiny vision tower never learned to read digit glyphs in the budget (10% per-digit
 #   accuracy, chance 11%, with large digits or with a glyph inside one patch). Geometry labels
-#   are digits too, but the shapes are drawn to scale, which is what the model reads.
+#   are digits too, but the shapes are drawn to scale, most likely what it reads (not tested).
 #
 # Layout: every scene is laid out on the 4x4 grid of 28x28-pixel merged tokens (one shape, one
 # bar, one table cell, one geometry label per token): a tiny vision tower reads one thing per token.
