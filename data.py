@@ -695,9 +695,10 @@ def format_question(record, suffix=None):
 #   geometry 61% -> 85-92% in two runs; in three others, 61-66%, it copied the value in place of
 #   option A, an error 200 GRPO rollouts did not fix);
 # - table entries are tallies (1-4 squares, one per 14x14 patch of the cell's token), not digits:
-#   the tiny vision tower never learned to read digit glyphs in the budget (10% per-digit
-#   accuracy, chance 11%, with large digits or with a glyph inside one patch). Geometry labels
-#   are digits too, but the shapes are drawn to scale, most likely what it reads (not tested).
+#   the tiny vision tower never learned to read digit glyphs in the budget (a glyph inside one
+#   patch: 10% per digit, chance 11%; large digits, black or coloured: tables at 9-13%).
+#   Geometry labels are digits too, but the shapes are drawn to scale, most likely what it reads
+#   (not tested).
 #
 # Layout: every scene is laid out on the 4x4 grid of 28x28-pixel merged tokens (one shape, one
 # bar, one table cell, one geometry label per token): a tiny vision tower reads one thing per token.
@@ -917,14 +918,15 @@ def draw_table(scene):
 
 
 def table_line(cells, kind):
-    """'col_sum=2' -> ('sum', [column 2's numbers, top to bottom])."""
+    """'col_sum=2' -> ('sum', 1, [column 2's numbers, top to bottom]): the column index is 0-based."""
     op, k = kind.split("=")
-    return op.split("_")[1], [row[int(k) - 1] for row in cells]
+    c = int(k) - 1
+    return op.split("_")[1], c, [row[c] for row in cells]
 
 
 def text_table(scene, kind, ans, choices=None):
-    agg, xs = table_line(scene["cells"], kind)
-    color = scene["colors"][int(kind.split("=")[1]) - 1]
+    agg, c, xs = table_line(scene["cells"], kind)
+    color = scene["colors"][c]
     seen = f"{color} column: {' '.join(map(str, xs))}."
     if agg == "max":
         return (f"What is the largest in the {color} column?",
@@ -987,9 +989,10 @@ def text_geometry(scene, kind, ans, choices=None):
         think = f"w {a} h {b}. {a}+{b}={a + b} 2*{a + b}={ans}."
     final = ans
     if choices:  # check the options in order, each against the value, until one matches
-        final = LETTERS[choices.index(ans)]
+        i = choices.index(ans)
+        final = LETTERS[i]
         think += " " + " ".join(f"{L} {c} vs {ans} {'yes' if c == ans else 'no'}."
-                                for L, c in zip(LETTERS, choices[:choices.index(ans) + 1]))
+                                for L, c in zip(LETTERS, choices[:i + 1]))
     return f"What is the {kind} of the {name}?", trace(think, f"The {kind} is {ans}.", final)
 
 # -----------------------------------------------------------------------------
@@ -1010,7 +1013,7 @@ def answer_from_scene(family, scene, question_kind):
         pick = max if k == "tallest" else min
         return pick(bars, key=lambda b: b["value"])["color"]
     if family == "table":
-        agg, xs = table_line(scene["cells"], k)
+        agg, _, xs = table_line(scene["cells"], k)
         return str(sum(xs) if agg == "sum" else max(xs))
     if family == "geometry":
         a, b = scene["a"], scene["b"]

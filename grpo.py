@@ -355,12 +355,13 @@ def staircase(root="runs", n_distill=12000, k=2):
     for torchrun)."""
     import eval as E  # (below us in the reading order: imported only when used)
     d = lambda *p: os.path.join(root, *p)
+    max_new = 192  # completion budget of the distill samples and the evaluations (traces <= 143 tokens)
 
     def sft2():  # the GRPO1 model writes the next SFT set; SFT from the base on it
         if not os.path.exists(d("distill", "data.jsonl")):
             data.write_split(d("distill"), n_distill, "mix", seed=2)
         sample.main(["--task", "distill", "--model", d("grpo1"), "--data", d("distill", "data.jsonl"),
-                     "--out", d("distill", "samples.jsonl"), "--n", str(k), "--max-new-tokens", "192",
+                     "--out", d("distill", "samples.jsonl"), "--n", str(k), "--max-new-tokens", str(max_new),
                      "--batch-size", "64"])
         data.main(["traces", "--data", d("distill", "samples.jsonl"), "--out", d("sft2.jsonl")])
         sft.train(sft.parser().parse_args(["--data", d("sft2.jsonl"), "--out", d("sft2"), "--eval-n", "0"]))
@@ -372,7 +373,7 @@ def staircase(root="runs", n_distill=12000, k=2):
          lambda: main(["--model", d("sft1"), "--out", d("grpo1"), "--eval-every", "0"])),
         ("SFT2", d("sft2"), f"python data.py synth --out {d('distill')} --n {n_distill} --level mix --seed 2\n"
          f"python sample.py --task distill --model {d('grpo1')} --data {d('distill', 'data.jsonl')} "
-         f"--out {d('distill', 'samples.jsonl')} --n {k} --max-new-tokens 192 --batch-size 64\n"
+         f"--out {d('distill', 'samples.jsonl')} --n {k} --max-new-tokens {max_new} --batch-size 64\n"
          f"python data.py traces --data {d('distill', 'samples.jsonl')} --out {d('sft2.jsonl')}\n"
          f"python sft.py --data {d('sft2.jsonl')} --out {d('sft2')}", sft2),
         ("GRPO2", d("grpo2"), f"python grpo.py --model {d('sft2')} --out {d('grpo2')}",
@@ -391,7 +392,7 @@ def staircase(root="runs", n_distill=12000, k=2):
             seconds = time.time() - t0
             tok = data.load_tokenizer(out)
             m = M.load_model(out).eval()
-            _, s = E.evaluate(m, tok, test, batch_size=100, max_new_tokens=192, progress=False)
+            _, s = E.evaluate(m, tok, test, batch_size=100, max_new_tokens=max_new, progress=False)
             rows[name] = dict(accuracy=s["accuracy"], family={k: v[0] for k, v in s["by"]["family"].items()},
                               level={k: v[0] for k, v in s["by"].get("level", {}).items()},
                               seconds=seconds, command=cmd)
