@@ -133,6 +133,15 @@ def collate_rows(items, pad_id):
 # the loop
 
 
+def family_sums(acc, families):
+    """acc (N,) and each row's synthetic family (None for other data) -> (len(data.FAMILIES), 2):
+    [correct, rows] per family, a fixed shape that sums over ranks. Logged as accuracy_<family>:
+    where the reward rises, and where the policy drifts (a skill learned on hard prompts can
+    overwrite the easy one)."""
+    return torch.tensor([[float(sum(a for a, f in zip(acc.tolist(), families) if f == name)),
+                          float(families.count(name))] for name in data.FAMILIES])
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="GRPO on a vision-language model (see the module docstring)")
     # model and data
@@ -314,6 +323,8 @@ def main(argv=None):
         vals = torch.tensor([float(rewards.sum()), float(acc.sum()), float(fmt.sum()), float(len(rewards)),
                              stats["kl"], stats["clipped"], stats["tokens"], stats["entropy"], float(signal),
                              float(P_local), n_tok_gen, stats["loss"]], device=device)
+        fams = [(recs[r // G].get("meta") or {}).get("family") for r in range(len(acc))]
+        vals = torch.cat([vals, family_sums(acc, fams).flatten().to(device)])
         if world > 1:
             torch.distributed.all_reduce(vals)
         R, n_opt = vals[3].item(), a.mu * a.prompts_per_rollout // a.prompts_per_step
@@ -324,6 +335,9 @@ def main(argv=None):
                    grad_norm=stats["grad_norm"], lr=a.lr,
                    **{f"time_{k}": v for k, v in times.items()},
                    tokens_per_s=vals[10].item() / max(sum(times.values()), 1e-9), elapsed=time.time() - t_start)
+        fam_sums = vals[12:].view(-1, 2)
+        row.update({f"accuracy_{name}": float(fam_sums[i, 0] / fam_sums[i, 1])
+                    for i, name in enumerate(data.FAMILIES) if fam_sums[i, 1] > 0})
         if test is not None and ((step + 1) % a.eval_every == 0 or step + 1 == a.steps):
             import eval as E  # (below us in the reading order: imported only when used)
             _, summary = E.evaluate(policy, tok, test, rank=rank, world_size=world, progress=False)

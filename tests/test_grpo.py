@@ -176,6 +176,8 @@ def test_two_processes_fsdp_equal_one_process(world):
         assert a["reward"] == pytest.approx(b["reward"], rel=1e-6)       # the same completions
         assert a["response_length"] == b["response_length"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-7)
+        fam = {k: v for k, v in a.items() if k.startswith("accuracy_")}
+        assert fam and fam == {k: v for k, v in b.items() if k.startswith("accuracy_")}  # summed over ranks
     base, w1, w2 = weights(world["model"]), weights(out1), weights(out2)
     moved = max((w1[k] - base[k]).abs().max().item() for k in base)
     assert moved > 1e-4                                                   # the update is real
@@ -197,6 +199,15 @@ def test_learning_raises_the_reward(world, tmp_path, monkeypatch):
     assert all(m["signal_frac"] > 0 for m in metrics(tmp_path)[:5])
 
 
+def test_family_sums_by_hand():
+    acc = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
+    fams = ["bars", "bars", "count", None, "count"]
+    got = grpo.family_sums(acc, fams)
+    want = {"bars": [1, 2], "count": [1, 2]}
+    for i, name in enumerate(grpo.data.FAMILIES):
+        assert got[i].tolist() == want.get(name, [0, 0])
+
+
 def test_families_pick_the_synthetic_prompt_pool(world, tmp_path, monkeypatch):
     seen = []
     real = grpo.data.synth_records
@@ -211,6 +222,8 @@ def test_families_pick_the_synthetic_prompt_pool(world, tmp_path, monkeypatch):
             "--eval-every", "0", "--device", "cpu"]
     grpo.main(args + ["--out", str(tmp_path / "ok"), "--families", "geometry,count"])
     assert sorted(set(seen)) == ["count", "geometry"] and len(seen) == 6
+    logged = {k for k in metrics(tmp_path / "ok")[0] if k.startswith("accuracy_")}
+    assert logged and logged <= {"accuracy_count", "accuracy_geometry"}
     with pytest.raises(SystemExit, match="maps"):
         grpo.main(args + ["--out", str(tmp_path / "bad"), "--families", "count,maps"])
 
