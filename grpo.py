@@ -333,6 +333,7 @@ def main(argv=None):
                              stats["kl"], stats["clipped"], stats["tokens"], stats["entropy"], float(signal),
                              float(P_local), n_tok_gen, stats["loss"]], device=device)
         fams = [(recs[r // G].get("meta") or {}).get("family") for r in range(len(acc))]
+        n_base = vals.numel()  # then [correct, rows] per family
         vals = torch.cat([vals, family_sums(acc, fams).flatten().to(device)])
         if world > 1:
             torch.distributed.all_reduce(vals)
@@ -344,7 +345,7 @@ def main(argv=None):
                    grad_norm=stats["grad_norm"], lr=a.lr,
                    **{f"time_{k}": v for k, v in times.items()},
                    tokens_per_s=vals[10].item() / max(sum(times.values()), 1e-9), elapsed=time.time() - t_start)
-        fam_sums = vals[12:].view(-1, 2)
+        fam_sums = vals[n_base:].view(-1, 2)
         row.update({f"accuracy_{name}": float(fam_sums[i, 0] / fam_sums[i, 1])
                     for i, name in enumerate(data.FAMILIES) if fam_sums[i, 1] > 0})
         if test is not None and ((step + 1) % a.eval_every == 0 or step + 1 == a.steps):
