@@ -147,8 +147,9 @@ def family_sums(acc, families):
     [correct, rows] per family, a fixed shape that sums over ranks. Logged as accuracy_<family>:
     where the reward rises, and where the policy drifts (a skill learned on hard prompts can
     overwrite the easy one)."""
-    return torch.tensor([[float(sum(a for a, f in zip(acc.tolist(), families) if f == name)),
-                          float(families.count(name))] for name in data.FAMILIES])
+    pairs = list(zip(acc.tolist(), families))
+    return torch.tensor([[float(sum(a for a, f in pairs if f == name)), float(families.count(name))]
+                         for name in data.FAMILIES])
 
 
 def get_args(argv=None):
