@@ -35,7 +35,10 @@ model; --mu and --prompts-per-step set how off-policy the later steps of a rollo
 the real one by +0 to +3.5), and at lr 3e-4 noise costs ~5 points unless the step holds 4x the
 prompts.
 How this departs from the paper's EasyR1 setup: no vLLM (our own sampler), no padding-free
-packing (padded batches), and logp_old is not recomputed when the rollout is used once in one
+packing (padded batches); the log-prob passes (4, 5) run each prompt and its image once per
+micro-batch and the G completions on copies of its K/V (completion_logps), where verl runs prompt
++ completion for every row: the same numbers, 1.9x faster on the demo
+(tests/bench/bench_grpo_rows.py); and logp_old is not recomputed when the rollout is used once in one
 step (mu=1 and prompts_per_step = prompts_per_rollout): then logp_old = logp.detach() and
 rho = 1 exactly. Otherwise it is recomputed with a forward pass, as verl does.
 
@@ -98,12 +101,24 @@ def grpo_loss(logp, old_logp, ref_logp, adv, n_norm, clip_low=0.2, clip_high=0.3
     return loss, stats
 
 
-def token_logps(model, batch, tgt_mask, targets, with_entropy=False):
-    """Log-prob of each completion token (N,) from one forward; the logits are computed only at
-    the N positions that predict a completion token (mask (B, T)), never (B, T, vocab)."""
-    logits = model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
-                   batch.get("image_grid_thw"), logits=tgt_mask).float()
-    logp_all = F.log_softmax(logits, dim=-1)
+# -----------------------------------------------------------------------------
+# the rows of a rollout and their log-probs
+
+
+def build_sequences(encs, s):
+    """Prompt encodings (P) + Samples (P*n rows) -> one item per row: its prompt (id and
+    encoding, shared by the rows of a group) and its completion tokens."""
+    items = []
+    for r in range(len(s.lengths)):
+        i = int(s.prompt_index[r])
+        comp = s.tokens[r, :int(s.lengths[r])]
+        items.append(dict(prompt_id=i, prompt=encs[i], completion=comp, n_comp=len(comp)))
+    return items
+
+
+def pick(logits, targets, with_entropy=False):
+    """logits (N, vocab), targets (N,) -> log-prob of each target (N,), and the entropy (N,)."""
+    logp_all = F.log_softmax(logits.float(), dim=-1)
     logp = logp_all.gather(-1, targets[:, None]).squeeze(1)
     ent = None
     if with_entropy:
@@ -111,32 +126,49 @@ def token_logps(model, batch, tgt_mask, targets, with_entropy=False):
             ent = -(logp_all.exp() * logp_all).sum(-1)
     return logp, ent
 
-# -----------------------------------------------------------------------------
-# building training sequences from a rollout
 
+def completion_logps(model, items, pad_id, with_entropy=False):
+    """Log-prob of each completion token of `items` (rows from build_sequences), flat (N,), row
+    after row; with the entropy there (N,) if asked.
 
-def build_sequences(encs, s):
-    """Prompt encodings (P) + Samples (P*n rows) -> per-row training items: input_ids =
-    prompt + completion, right-padded; tgt_mask marks the positions whose next token is a
-    completion token; targets are those next tokens (flat, row-major)."""
-    items = []
-    for r in range(len(s.lengths)):
-        e = encs[int(s.prompt_index[r])]
-        comp = s.tokens[r, :int(s.lengths[r])]
-        items.append(dict(input_ids=torch.cat([e["input_ids"], comp]), pixel_values=e["pixel_values"],
-                          image_grid_thw=e["image_grid_thw"], n_prompt=len(e["input_ids"]), n_comp=len(comp)))
-    return items
-
-
-def collate_rows(items, pad_id):
-    batch = data.collate([{k: it[k] for k in ("input_ids", "pixel_values", "image_grid_thw")} for it in items],
-                         pad_id, padding_side="right")
-    B, T = batch["input_ids"].shape
-    tgt_mask = torch.zeros(B, T, dtype=torch.bool)
-    for b, it in enumerate(items):
-        tgt_mask[b, it["n_prompt"] - 1:it["n_prompt"] - 1 + it["n_comp"]] = True
-    nxt = torch.cat([batch["input_ids"][:, 1:], torch.full((B, 1), pad_id)], dim=1)
-    return batch, tgt_mask, nxt[tgt_mask]
+    The G rows of a group share their prompt and image (on the demo 2/3 of a row's tokens), so
+    they are not run G times: each distinct prompt runs once, filling a KV cache (with grad);
+    each row gets a copy of its prompt's K/V (select_rows: in backward the copies' gradients add
+    up); then only the completions run, on top of the copies. That is (Tp + Tc) / (Tp / G + Tc)
+    times fewer token passes than a forward over prompt + completion per row, with the same
+    numbers (tests/test_grpo.py). Completion token 0 is predicted at the prompt's last position,
+    token t > 0 at completion position t - 1; logits are computed at those N positions only."""
+    dev = model.model.embed_tokens.weight.device
+    prompts = {}  # prompt id -> its encoding, in order of first use
+    for it in items:
+        prompts.setdefault(it["prompt_id"], it["prompt"])
+    slot = {pid: i for i, pid in enumerate(prompts)}
+    index = torch.tensor([slot[it["prompt_id"]] for it in items], device=dev)   # (R,) row -> prompt
+    ids, am, pv, grid = sample.left_padded(list(prompts.values()), pad_id, dev)  # (P, Tp)
+    pos, next_pos = model.rope_index(ids, grid, am)
+    lens = torch.tensor([it["n_comp"] for it in items], device=dev)            # (R,)
+    R, Tc = len(items), int(lens.max())
+    comp = torch.full((R, Tc), pad_id, dtype=torch.long, device=dev)
+    for r, it in enumerate(items):
+        comp[r, :it["n_comp"]] = it["completion"].to(dev)
+    cache = model.new_cache(len(prompts), ids.shape[1] + Tc - 1, device=dev)
+    first = model(ids, am, pv, grid, position_ids=pos, cache=cache, logits="last")[:, -1]  # (P, vocab)
+    logp, ent = pick(first[index], comp[:, 0], with_entropy)                             # (R,)
+    if Tc == 1:
+        return logp, ent
+    # the completions, token t fed at position next_pos + t (as the sampler fed it); `feed` marks the
+    # positions whose next token is a real one, (R, Tc - 1); the rest is padding, never attended to
+    feed = torch.arange(Tc - 1, device=dev) < (lens - 1)[:, None]
+    p = (next_pos[index][:, None] + torch.arange(Tc - 1, device=dev)).expand(3, R, Tc - 1)
+    rest = model(comp[:, :-1], feed.long(), position_ids=p, cache=cache.select_rows(index), logits=feed)
+    logp_rest, ent_rest = pick(rest, comp[:, 1:][feed], with_entropy)                    # (N - R,)
+    # back into row order: row r's token 0, then its tokens 1.. (N,)
+    t = torch.arange(Tc, device=dev).expand(R, Tc)[torch.arange(Tc, device=dev) < lens[:, None]]
+    first_tok = t == 0
+    logp = torch.zeros(len(t), device=dev).masked_scatter(first_tok, logp).masked_scatter(~first_tok, logp_rest)
+    if with_entropy:
+        ent = torch.zeros(len(t), device=dev).masked_scatter(first_tok, ent).masked_scatter(~first_tok, ent_rest)
+    return logp, ent
 
 # -----------------------------------------------------------------------------
 # the loop
@@ -278,11 +310,8 @@ def main(argv=None):
         on_policy = a.mu == 1 and a.prompts_per_step == a.prompts_per_rollout
         with torch.no_grad():
             for mb in mbs:
-                batch, tgt_mask, targets = collate_rows(mb, pad_id)
-                batch = {k: v.to(device) for k, v in batch.items()}
-                tgt_mask, targets = tgt_mask.to(device), targets.to(device)
-                ref_lp, _ = token_logps(ref, batch, tgt_mask, targets) if a.beta > 0 else (None, None)
-                old_lp = None if on_policy else token_logps(policy, batch, tgt_mask, targets)[0]
+                ref_lp = completion_logps(ref, mb, pad_id)[0] if a.beta > 0 else None
+                old_lp = None if on_policy else completion_logps(policy, mb, pad_id)[0]
                 off = 0
                 for it in mb:
                     n = it["n_comp"]
@@ -307,9 +336,7 @@ def main(argv=None):
                 opt.zero_grad(set_to_none=True)
                 for m0 in range(0, len(step_items), a.micro_batch):
                     mb = step_items[m0:m0 + a.micro_batch]
-                    batch, tgt_mask, targets = collate_rows(mb, pad_id)
-                    batch = {k: v.to(device) for k, v in batch.items()}
-                    logp, ent = token_logps(policy, batch, tgt_mask.to(device), targets.to(device), with_entropy=True)
+                    logp, ent = completion_logps(policy, mb, pad_id, with_entropy=True)
                     cat = lambda key: torch.cat([it[key] if it[key] is not None else torch.zeros(0) for it in mb]).to(device)
                     old = logp.detach() if mb[0]["old"] is None else cat("old")
                     ref_lp = cat("ref") if mb[0]["ref"] is not None else None

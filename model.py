@@ -369,40 +369,45 @@ class VisionTransformer(nn.Module):
 
 
 class KVCache:
-    """Preallocated K/V for all layers: k, v of shape (L, B, H_kv, S, D), written in place.
+    """Preallocated K/V, one (B, H_kv, S, D) buffer per layer for k and for v, written in place.
 
     All rows write the same slot at each step (prompts are left-padded to a common length);
     `valid` (B, S) marks which slots hold real tokens of that row, `len` is the slots used.
     Positions are not stored: K is rotated before it is written, and each row's next M-RoPE
     position lives with the caller (the sampler). The buffers are allocated at the first write,
-    in the dtype of the keys (under mixed precision: the compute dtype, not the weights')."""
+    in the dtype of the keys (under mixed precision: the compute dtype, not the weights').
+    One buffer per layer, not one (L, ...) tensor: autograd can then run through the cache
+    (grpo.py fills it with grad), since a layer's write never touches a tensor that an earlier
+    layer saved for backward."""
 
     def __init__(self, cfg, batch_size, max_len, device=None):
-        self.shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = self.v = None
+        self.shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)  # one layer's
+        self.k = [None] * cfg.num_hidden_layers
+        self.v = [None] * cfg.num_hidden_layers
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.len = 0
 
     @property
     def max_len(self):
-        return self.shape[3]
+        return self.shape[2]
 
     def write(self, layer, k, v):
         """Store k, v (B, H_kv, T, D) at slots [len, len + T); return all slots so far."""
-        if self.k is None:
-            self.k = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
-            self.v = torch.zeros(self.shape, dtype=v.dtype, device=v.device)
+        if self.k[layer] is None:
+            self.k[layer] = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
+            self.v[layer] = torch.zeros(self.shape, dtype=v.dtype, device=v.device)
         s, T = self.len, k.shape[2]
-        self.k[layer, :, :, s:s + T] = k
-        self.v[layer, :, :, s:s + T] = v
-        return self.k[layer, :, :, :s + T], self.v[layer, :, :, :s + T]
+        self.k[layer][:, :, s:s + T] = k
+        self.v[layer][:, :, s:s + T] = v
+        return self.k[layer][:, :, :s + T], self.v[layer][:, :, :s + T]
 
     def select_rows(self, index):
-        """A new cache whose row i is row index[i] of this one (e.g. each prompt copied G times)."""
+        """A new cache whose row i is row index[i] of this one (e.g. each prompt copied G times).
+        Under autograd the copies' gradients add up into the source rows."""
         new = KVCache.__new__(KVCache)
-        new.shape = (self.shape[0], len(index), *self.shape[2:])
-        new.k = self.k[:, index] if self.k is not None else None
-        new.v = self.v[:, index] if self.v is not None else None
+        new.shape = (len(index), *self.shape[1:])
+        new.k = [k[index] if k is not None else None for k in self.k]
+        new.v = [v[index] if v is not None else None for v in self.v]
         new.valid, new.len = self.valid[index], self.len
         return new
 
@@ -492,7 +497,8 @@ class TextModel(nn.Module):
         mask = mask[:, None]
         cos, sin = self.rope(position_ids, x.dtype)
         for i, layer in enumerate(self.layers):
-            if self.gradient_checkpointing and self.training:
+            # not with a cache: a recomputed layer would write its cache slots a second time
+            if self.gradient_checkpointing and self.training and cache is None:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache, i)

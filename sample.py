@@ -179,6 +179,24 @@ def _reshard_setting(m, value=None):
 # the generation loop
 
 
+def left_padded(prompts, pad_id, device):
+    """Prompt encodings -> input_ids, attention_mask (P, T) left-padded to a common length, so
+    every row's next token goes to the same cache slot; and pixel_values, image_grid_thw of the
+    prompts that have images, in order (text-only prompts may be anywhere), or None, None."""
+    lens = [len(p["input_ids"]) for p in prompts]
+    T = max(lens)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    am = torch.zeros(len(prompts), T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - lens[i]:], am[i, T - lens[i]:] = p["input_ids"], 1
+    imgs = [p for p in prompts if p.get("pixel_values") is not None and p["pixel_values"].shape[0] > 0]
+    pv = grid = None
+    if imgs:
+        pv = torch.cat([p["pixel_values"] for p in imgs]).to(device)
+        grid = torch.cat([p["image_grid_thw"].reshape(-1, 3) for p in imgs]).to(device)
+    return ids.to(device), am.to(device), pv, grid
+
+
 @dataclass
 class Samples:
     tokens: torch.Tensor         # (R, L) long, pad after each row's length
@@ -247,19 +265,8 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     dev = model.model.embed_tokens.weight.device
     P, R = len(prompts), len(prompts) * n
 
-    # prefill: prompts left-padded to a common length, so every row decodes into the same slot;
-    # the images of all prompts that have some, in order (text-only prompts may be anywhere)
-    T = max(lens)
-    ids = torch.full((P, T), pad_id, dtype=torch.long)
-    am = torch.zeros(P, T, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, T - lens[i]:], am[i, T - lens[i]:] = p["input_ids"], 1
-    ids, am = ids.to(dev), am.to(dev)
-    imgs = [p for p in prompts if p.get("pixel_values") is not None and p["pixel_values"].shape[0] > 0]
-    pv = grid = None
-    if imgs:
-        pv = torch.cat([p["pixel_values"] for p in imgs]).to(dev)
-        grid = torch.cat([p["image_grid_thw"].reshape(-1, 3) for p in imgs]).to(dev)
+    ids, am, pv, grid = left_padded(prompts, pad_id, dev)
+    T = ids.shape[1]
     with gathered(model):
         pos, next_pos = model.rope_index(ids, grid, am)
         cache = model.new_cache(P, T + max_new_tokens, device=dev)

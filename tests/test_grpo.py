@@ -84,30 +84,85 @@ def test_token_mean_vs_sequence_mean():
     assert seq.item() == pytest.approx(((-1) + (1)) / 2)       # mean per completion (-1, +1), then mean: 0
 
 
-def test_padding_does_not_change_logps():
-    """The same completion scored alone and inside a right-padded batch with a longer row."""
+def tiny_vl(layers=2, seed=0):
     import data
     import model as M
     tok = data.build_tiny_tokenizer()
-    torch.manual_seed(0)
-    m = M.Qwen2_5_VL(data.tiny_config(tok, num_hidden_layers=1, vision_depth=1, fullatt_block_indexes=[0])).init_weights(std=0.2)
+    cfg = data.tiny_config(tok, num_hidden_layers=layers, vision_depth=1, fullatt_block_indexes=[0])
+    return tok, M.Qwen2_5_VL(cfg).init_weights(std=0.2, seed=seed)
+
+
+def rows(tok, specs):
+    """specs: (question, image colour or None, completion ids) -> items as build_sequences makes
+    them; rows with the same question share one prompt (id and encoding)."""
+    import data
     from PIL import Image
-    encs = [data.encode_prompt(tok, q, [Image.new("RGB", (56, 56), c)]) for q, c in [("a?", "red"), ("longer q?", "blue")]]
-    comps = [torch.tensor([10, 11, 12]), torch.tensor([20, 21, 22, 23, 24, 25, 26])]
-    items = [dict(input_ids=torch.cat([e["input_ids"], c]), pixel_values=e["pixel_values"], image_grid_thw=e["image_grid_thw"],
-                  n_prompt=len(e["input_ids"]), n_comp=len(c)) for e, c in zip(encs, comps)]
+    encs, items = {}, []
+    for q, colour, comp in specs:
+        if q not in encs:
+            encs[q] = data.encode_prompt(tok, q, [Image.new("RGB", (56, 84), colour)] if colour else [])
+        comp = torch.tensor(comp)
+        items.append(dict(prompt_id=list(encs).index(q), prompt=encs[q], completion=comp, n_comp=len(comp)))
+    return items
+
+
+def plain_logps(model, items, pad_id=0):
+    """The reference: one forward per row over its whole prompt + completion, right-padded, no
+    cache; log-probs of the completion tokens, row after row."""
+    import data
+    full = [dict(input_ids=torch.cat([it["prompt"]["input_ids"], it["completion"]]),
+                 pixel_values=it["prompt"]["pixel_values"], image_grid_thw=it["prompt"]["image_grid_thw"]) for it in items]
+    dev = model.model.embed_tokens.weight.device
+    batch = {k: v.to(dev) for k, v in data.collate(full, pad_id, padding_side="right").items()}
+    ids = batch["input_ids"]
+    at = torch.zeros(ids.shape, dtype=torch.bool, device=dev)  # positions that predict a completion token
+    for b, it in enumerate(items):
+        n = len(it["prompt"]["input_ids"])
+        at[b, n - 1:n - 1 + it["n_comp"]] = True
+    nxt = torch.cat([ids[:, 1:], torch.full((ids.shape[0], 1), pad_id, device=dev)], dim=1)
+    logits = model(ids, batch["attention_mask"], batch.get("pixel_values"), batch.get("image_grid_thw"), logits=at)
+    return torch.log_softmax(logits.float(), -1).gather(-1, nxt[at][:, None]).squeeze(1)
+
+
+def test_shared_prompt_logps_and_gradients_equal_one_forward_per_row():
+    """completion_logps runs each prompt once and the completions on copies of its K/V; one
+    forward per row over prompt + completion is the reference. Groups out of order, ragged
+    completions (one of a single token), prompts of different lengths, with and without an image:
+    the same log-probs and the same gradient in every weight."""
+    tok, m = tiny_vl()
+    items = rows(tok, [("a?", "red", [10, 11, 12]), ("longer question?", "blue", [20, 21, 22, 23, 24]),
+                       ("a?", "red", [13]), ("text only", None, [30, 31]), ("a?", "red", [14, 15, 16, 17, 18, 19]),
+                       ("longer question?", "blue", [25, 26])])
+    w = torch.randn(sum(it["n_comp"] for it in items), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for f in (plain_logps, lambda m, items: grpo.completion_logps(m, items, 0, with_entropy=True)[0]):
+        m.zero_grad()
+        lp = f(m, items)
+        (lp * w).sum().backward()
+        grads.append((lp.detach(), {k: q.grad.clone() for k, q in m.named_parameters()}))
+    (ref, g_ref), (ours, g_ours) = grads
+    assert ours.shape == ref.shape == (19,)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    assert all(g.abs().max() > 0 for g in g_ref.values())           # every weight takes part
+    for k in g_ref:
+        assert (g_ours[k] - g_ref[k]).abs().max() <= 1e-5 * g_ref[k].abs().max(), k
+    _, ent = grpo.completion_logps(m, items, 0, with_entropy=True)
+    assert ent.shape == (19,) and (ent > 0).all()
+
+
+def test_padding_does_not_change_logps():
+    """The same completion scored alone and beside rows with longer prompts and completions."""
+    tok, m = tiny_vl(layers=1)
+    items = rows(tok, [("a?", "red", [10, 11, 12]), ("longer q?", "blue", [20, 21, 22, 23, 24, 25, 26])])
     with torch.no_grad():
-        b1, m1, t1 = grpo.collate_rows(items[:1], 0)
-        lp_alone, _ = grpo.token_logps(m, b1, m1, t1)
-        b2, m2, t2 = grpo.collate_rows(items, 0)
-        lp_batch, _ = grpo.token_logps(m, b2, m2, t2)
-    assert torch.equal(t1, comps[0])
-    assert torch.allclose(lp_alone, lp_batch[:3], atol=1e-5)
+        lp_alone, _ = grpo.completion_logps(m, items[:1], 0)
+        lp_batch, _ = grpo.completion_logps(m, items[::-1], 0)
     assert lp_batch.shape == (10,)
+    assert torch.allclose(lp_alone, lp_batch[7:], atol=1e-5)
 
 
 def test_trainer_scores_the_tokens_the_sampler_drew():
-    """The update's log-probs (one padded forward over prompt + completion) equal the sampler's
+    """The update's log-probs (each prompt once, then the completions) equal the sampler's
     own (KV cache, one token at a time) for every sampled token: GRPO pushes on exactly what
     was drawn, and on-policy rho = 1 is the truth, not an assumption."""
     import data
@@ -122,7 +177,7 @@ def test_trainer_scores_the_tokens_the_sampler_drew():
                         stop_ids=list(range(100, 140)))
     items = grpo.build_sequences(encs, s)
     with torch.no_grad():
-        lp, _ = grpo.token_logps(m, *grpo.collate_rows(items, 0))
+        lp, _ = grpo.completion_logps(m, items, 0)
     drawn = torch.cat([s.logprobs[r, :int(s.lengths[r])] for r in range(len(items))])
     assert lp.shape == drawn.shape and len(set(s.lengths.tolist())) > 1  # ragged rows, right-padded
     assert torch.allclose(lp, drawn, atol=1e-4)
