@@ -256,6 +256,9 @@ def main(argv=None):
         policy.visual.requires_grad_(False)
     policy = sft.shard_model(policy, device, bf16)
     ref = sft.shard_model(ref, device, bf16)
+    # bf16 in one process: autocast around the policy's passes (FSDP's MixedPrecisionPolicy does it
+    # on several); the weights, the loss and the optimizer stay fp32
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and world == 1)
     opt = torch.optim.AdamW([q for q in policy.parameters() if q.requires_grad], lr=a.lr,
                             weight_decay=a.weight_decay, betas=(0.9, 0.999))
     start, ck = 0, sft.latest_checkpoint(a.out) if a.resume else None
@@ -289,9 +292,10 @@ def main(argv=None):
         recs = [records[order[g % len(order)]] for g in gidx]
         encs = [data.encode_prompt(tok, data.format_question(r, suffix), r["images"], max_pixels=a.max_pixels) for r in recs]
         # 2. sample
-        s = sample.generate(policy, encs, n=G, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                            top_p=a.top_p, seed=a.seed, keys=gidx,
-                            tokenizer=tok, pad_id=pad_id, max_prompt_len=a.max_prompt_len)
+        with autocast:
+            s = sample.generate(policy, encs, n=G, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                                top_p=a.top_p, seed=a.seed, keys=gidx,
+                                tokenizer=tok, pad_id=pad_id, max_prompt_len=a.max_prompt_len)
         times["sample"] = time.time() - t0
         # 3. score
         t0 = time.time()
@@ -308,7 +312,7 @@ def main(argv=None):
             it["adv"] = float(adv[r])
         mbs = [items[i:i + a.micro_batch] for i in range(0, len(items), a.micro_batch)]
         on_policy = a.mu == 1 and a.prompts_per_step == a.prompts_per_rollout
-        with torch.no_grad():
+        with torch.no_grad(), autocast:
             for mb in mbs:
                 ref_lp = completion_logps(ref, mb, pad_id)[0] if a.beta > 0 else None
                 old_lp = None if on_policy else completion_logps(policy, mb, pad_id)[0]
@@ -336,7 +340,8 @@ def main(argv=None):
                 opt.zero_grad(set_to_none=True)
                 for m0 in range(0, len(step_items), a.micro_batch):
                     mb = step_items[m0:m0 + a.micro_batch]
-                    logp, ent = completion_logps(policy, mb, pad_id, with_entropy=True)
+                    with autocast:
+                        logp, ent = completion_logps(policy, mb, pad_id, with_entropy=True)
                     cat = lambda key: torch.cat([it[key] if it[key] is not None else torch.zeros(0) for it in mb]).to(device)
                     old = logp.detach() if mb[0]["old"] is None else cat("old")
                     ref_lp = cat("ref") if mb[0]["ref"] is not None else None

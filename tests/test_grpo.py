@@ -240,6 +240,25 @@ def test_two_processes_fsdp_equal_one_process(world):
     assert err <= 1e-5
 
 
+@pytest.mark.parametrize("flag, dtype", [("--bf16", torch.bfloat16), ("--no-bf16", torch.float32)])
+def test_one_process_bf16_computes_in_bf16(world, tmp_path, monkeypatch, flag, dtype):
+    """--bf16 without FSDP: the policy's update pass runs under autocast (bf16 activations),
+    while its weights and the saved model stay fp32."""
+    seen, real = set(), grpo.completion_logps
+
+    def spy(model, items, pad_id, with_entropy=False):
+        h = model.lm_head.register_forward_hook(lambda mod, inp, out: seen.add(out.dtype) if with_entropy else None)
+        try:
+            return real(model, items, pad_id, with_entropy)
+        finally:
+            h.remove()
+    monkeypatch.setattr(grpo, "completion_logps", spy)
+    grpo.main(["--model", world["model"], "--data", world["data"], "--out", str(tmp_path), "--steps", "1",
+               *LOOP[2:-2], "--device", "cpu", flag])
+    assert seen == {dtype}
+    assert all(v.dtype == torch.float32 for v in weights(tmp_path).values())
+
+
 def test_learning_raises_the_reward(world, tmp_path, monkeypatch):
     """30 rollouts on the dense toy reward (share of ASCII letters, tests/dist_grpo.py): the mean
     reward of the last 5 rollouts beats the first 5's by a clear margin."""
