@@ -584,6 +584,22 @@ def test_gradient_checkpointing_same_grads(ref):
         assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-6), n
 
 
+def test_cache_is_used_under_gradient_checkpointing(ref):
+    """A model in training mode with checkpointing on still writes and reads its KV cache (GRPO
+    samples from the policy between updates, and its update pass runs through a cache): prefill +
+    one cached step equals the full forward."""
+    model = copy.deepcopy(ref.nested).train()
+    model.model.gradient_checkpointing = True
+    ids, mask, pv, grid, _ = decode_inputs()
+    tokens = torch.tensor([[7], [123]])
+    one = torch.ones(2, 1, dtype=torch.long)
+    with torch.no_grad():
+        full = ours_forward(model, torch.cat([ids, tokens], 1), torch.cat([mask, one], 1), pv, grid)[:, -1]
+        cache, _, next_pos = prefill(model, ids, mask, pv, grid, extra=1)
+        out = ours_forward(model, tokens, one, None, None, position_ids=step_positions(next_pos, 0), cache=cache)[:, -1]
+    assert rel_err(out, full) <= TOL
+
+
 def test_image_token_mismatch_errors(ref):
     ids, mask, pv, grid = case_inputs("one_image")
     bad = ids.clone()
