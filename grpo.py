@@ -34,6 +34,9 @@ model; --mu and --prompts-per-step set how off-policy the later steps of a rollo
 1e-4 is barely above the noise floor (README: a random reward moves the test by -0.5 points,
 the real one by +0 to +3.5), and at lr 3e-4 noise costs ~5 points unless the step holds 4x the
 prompts.
+--sft-coef adds coef x an SFT loss on the start model's data to every optimizer step (InstructGPT's
+PPO-ptx; off by default, the paper has none): a pull back toward what SFT taught, against noise
+and against over-learning what the hard prompts reward.
 How this departs from the paper's EasyR1 setup: no vLLM (our own sampler), no padding-free
 packing (padded batches); the log-prob passes (4, 5) run each prompt and its image once per
 micro-batch and the G completions on copies of its K/V (completion_logps), where verl runs prompt
@@ -174,6 +177,31 @@ def completion_logps(model, items, pad_id, with_entropy=False):
 # the loop
 
 
+def sft_term(policy, rows, tok, pad_id, coef, suffix, max_pixels, micro, world, device, autocast):
+    """coef x the SFT loss (sft.py's token-mean cross-entropy) on `rows` (this rank's share of the
+    step's SFT rows: records with a solution), backpropagated into the step's gradient. With
+    --sft-coef > 0 each optimizer step minimizes GRPO's loss + coef * SFT loss on the data the
+    start model learned from (InstructGPT's "PPO-ptx"): GRPO's noisy updates, and what it
+    over-learns on hard prompts, are pulled back where they break what SFT taught. Returns the
+    SFT loss (summed over ranks) for the metrics."""
+    encs = [data.encode_sft(tok, data.format_question(r, suffix), r["solution"], r["images"], max_pixels=max_pixels)
+            for r in rows]
+    batches = [data.collate(encs[i:i + micro], pad_id) for i in range(0, len(encs), micro)]
+    n = torch.tensor(float(sum(sft.trained_tokens(b["labels"]) for b in batches)), device=device)
+    if world > 1:
+        torch.distributed.all_reduce(n)
+    total = 0.0
+    for b in batches:
+        b = {k: v.to(device) for k, v in b.items()}
+        with autocast:
+            logits = policy(b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_grid_thw"],
+                            logits=sft.loss_positions(b["labels"]))
+            loss = sft.sft_loss(logits, b["labels"], n)
+        (coef * loss * world).backward()
+        total += loss.item()
+    return total
+
+
 def family_sums(acc, families):
     """acc (N,) and each row's synthetic family (None for other data) -> (len(data.FAMILIES), 2):
     [correct, rows] per family, a fixed shape that sums over ranks. Logged as accuracy_<family>:
@@ -221,6 +249,11 @@ def get_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
     p.add_argument("--freeze-vision", action="store_true", help="do not train the vision tower and merger")
+    p.add_argument("--sft-coef", type=float, default=0.0, help="weight of an SFT loss added to each optimizer "
+                   "step (PPO-ptx; 0: off, as the paper)")
+    p.add_argument("--sft-data", default=None, help="its data (JSONL with solutions); default: easy synthetic "
+                   "problems with their traces (what the demo's SFT1 learned from)")
+    p.add_argument("--sft-rows", type=int, default=32, help="SFT rows per optimizer step (all ranks)")
     # bookkeeping
     p.add_argument("--eval-every", type=int, default=50, help="evaluate on the held-out synthetic test every N rollouts (0: off)")
     p.add_argument("--eval-n", type=int, default=400, help="held-out items per evaluation")
@@ -273,12 +306,23 @@ def main(argv=None):
         if unknown or not families:
             raise SystemExit(f"grpo.py: --families {a.families!r}: unknown {unknown}; choose from {', '.join(data.FAMILIES)}")
         records = data.synth_records(a.n_train, a.level, seed=1, families=families)
+    sft_rows = []
+    if a.sft_coef > 0:
+        if a.sft_data:
+            sft_rows, _ = data.load_records(a.sft_data)
+            missing = [r["source"] for r in sft_rows if not r.get("solution")]
+            if missing:
+                raise SystemExit(f"grpo.py: --sft-data rows need a solution to train on; none at {missing[0]}"
+                                 f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}")
+        else:  # SFT1's own data: sft.py's defaults (easy level, data seed 0), the first 4000 problems
+            sft_rows = data.synth_records(4000, "easy", seed=0)
     test = data.synth_test_records(a.eval_n) if a.eval_every else None
     log = sft.MetricsLogger(os.path.join(a.out, "metrics.jsonl"), resume_step=start if ck else None)
     suffix = data.SUFFIXES.get(a.suffix, a.suffix)
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(a.seed)).tolist()
     P_local, pps_local = a.prompts_per_rollout // world, a.prompts_per_step // world
     G = a.group_size
+    n_done = start * (a.mu * a.prompts_per_rollout // a.prompts_per_step)  # optimizer steps so far
     t_start = time.time()
     from tqdm import tqdm
     for step in tqdm(range(start, a.steps), initial=start, total=a.steps, desc="grpo", disable=rank != 0):
@@ -326,7 +370,7 @@ def main(argv=None):
         # 5. mu passes of minibatch updates
         t0 = time.time()
         policy.train()
-        stats = dict(loss=0.0, kl=0.0, clipped=0, tokens=0, entropy=0.0, grad_norm=0.0)
+        stats = dict(loss=0.0, kl=0.0, clipped=0, tokens=0, entropy=0.0, grad_norm=0.0, sft_loss=0.0)
         rows_per_step = pps_local * G
         for _ in range(a.mu):
             for s0 in range(0, len(items), rows_per_step):
@@ -356,6 +400,12 @@ def main(argv=None):
                     stats["clipped"] += st["clipped"]
                     stats["tokens"] += st["tokens"]
                     stats["entropy"] += ent.sum().item()
+                if sft_rows:  # this rank's share of the step's SFT rows, in a fixed cycle over the data
+                    k0 = (n_done * a.sft_rows + rank * (a.sft_rows // world)) % len(sft_rows)
+                    mine = [sft_rows[(k0 + i) % len(sft_rows)] for i in range(a.sft_rows // world)]
+                    stats["sft_loss"] += sft_term(policy, mine, tok, pad_id, a.sft_coef, suffix, a.max_pixels,
+                                                  a.micro_batch, world, device, autocast)
+                    n_done += 1
                 gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), a.grad_clip)
                 stats["grad_norm"] = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
                 opt.step()
@@ -364,7 +414,7 @@ def main(argv=None):
         n_tok_gen = float(s.lengths.sum())
         vals = torch.tensor([float(rewards.sum()), float(acc.sum()), float(fmt.sum()), float(len(rewards)),
                              stats["kl"], stats["clipped"], stats["tokens"], stats["entropy"], float(signal),
-                             float(P_local), n_tok_gen, stats["loss"]], device=device)
+                             float(P_local), n_tok_gen, stats["loss"], stats["sft_loss"]], device=device)
         fams = [(recs[r // G].get("meta") or {}).get("family") for r in range(len(acc))]
         n_base = vals.numel()  # then [correct, rows] per family
         vals = torch.cat([vals, family_sums(acc, fams).flatten().to(device)])
@@ -378,6 +428,8 @@ def main(argv=None):
                    grad_norm=stats["grad_norm"], lr=a.lr,
                    **{f"time_{k}": v for k, v in times.items()},
                    tokens_per_s=vals[10].item() / max(sum(times.values()), 1e-9), elapsed=time.time() - t_start)
+        if sft_rows:
+            row["sft_loss"] = vals[12].item() / n_opt
         fam_sums = vals[n_base:].view(-1, 2)
         row.update({f"accuracy_{name}": float(fam_sums[i, 0] / fam_sums[i, 1])
                     for i, name in enumerate(data.FAMILIES) if fam_sums[i, 1] > 0})
