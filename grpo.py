@@ -182,8 +182,8 @@ def sft_term(policy, rows, tok, pad_id, coef, suffix, max_pixels, micro, world, 
     step's SFT rows: records with a solution), backpropagated into the step's gradient. With
     --sft-coef > 0 each optimizer step minimizes GRPO's loss + coef * SFT loss on the data the
     start model learned from (InstructGPT's "PPO-ptx"): GRPO's noisy updates, and what it
-    over-learns on hard prompts, are pulled back where they break what SFT taught. Returns the
-    SFT loss (summed over ranks) for the metrics."""
+    over-learns on hard prompts, are pulled back where they break what SFT taught. Returns this
+    rank's part of the SFT loss (the parts of all ranks sum to it), for the metrics."""
     encs = [data.encode_sft(tok, data.format_question(r, suffix), r["solution"], r["images"], max_pixels=max_pixels)
             for r in rows]
     batches = [data.collate(encs[i:i + micro], pad_id) for i in range(0, len(encs), micro)]
@@ -276,8 +276,9 @@ def main(argv=None):
                          "first (or `python grpo.py --staircase` for the whole loop)")
     rank, world, device = sft.dist_init(a.device)
     bf16 = a.bf16 if a.bf16 is not None else str(device).startswith("cuda")
-    if a.prompts_per_rollout % a.prompts_per_step or a.prompts_per_step % world:
-        raise SystemExit("--prompts-per-rollout must be a multiple of --prompts-per-step, and that of the number of processes")
+    if a.prompts_per_rollout % a.prompts_per_step or a.prompts_per_step % world or a.sft_rows % world:
+        raise SystemExit("--prompts-per-rollout must be a multiple of --prompts-per-step, and that and "
+                         "--sft-rows multiples of the number of processes")
     torch.manual_seed(a.seed)
     tok = data.load_tokenizer(a.model)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
