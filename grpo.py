@@ -32,11 +32,10 @@ probability; --dual-clip bounds negative-advantage terms; --beta weighs the KL t
 model; --mu and --prompts-per-step set how off-policy the later steps of a rollout get.
 --prompts-per-step also sets the noise of each step: on the embedded demo, 16 prompts x 8 at lr
 1e-4 is barely above the noise floor (README: a random reward moves the test by -0.5 points,
-the real one by +0 to +3.5), and at lr 3e-4 noise costs ~5 points unless the step holds 4x the
-prompts.
+the real one by +0 to +3.5), and at lr 3e-4 noise costs 5-10 points unless the step holds 4x the
+prompts or --sft-coef 1 pulls it back (it holds the model steady; it does not add a gain).
 --sft-coef adds coef x an SFT loss on the start model's data to every optimizer step (InstructGPT's
-PPO-ptx; off by default, the paper has none): a pull back toward what SFT taught, against noise
-and against over-learning what the hard prompts reward.
+PPO-ptx; off by default, the paper has none): a pull back toward what SFT taught.
 How this departs from the paper's EasyR1 setup: no vLLM (our own sampler), no padding-free
 packing (padded batches); the log-prob passes (4, 5) run each prompt and its image once per
 micro-batch and the G completions on copies of its K/V (completion_logps), where verl runs prompt
