@@ -24,8 +24,9 @@ One step (a "rollout"), for P prompts:
 
 Each rollout appends a line to --out/metrics.jsonl: reward, accuracy (and accuracy_<family> on
 the synthetic world), format, kl, clip_frac, entropy, response_length, signal_frac (groups whose
-rewards differ), loss, grad_norm, time_sample/score/reference/update, tokens_per_s, and the
-held-out test_accuracy every --eval-every rollouts.
+rewards differ), loss, grad_norm, time_sample/score/reference/update, tokens_per_s, sft_loss
+(with --sft-coef; its passes count in time_update), and the held-out test_accuracy every
+--eval-every rollouts.
 
 Knobs: eps_low/eps_high (--clip-low/--clip-high) bound how far one update moves a token's
 probability; --dual-clip bounds negative-advantage terms; --beta weighs the KL to the start
