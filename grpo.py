@@ -40,7 +40,7 @@ PPO-ptx; off by default, the paper has none): a pull back toward what SFT taught
 How this departs from the paper's EasyR1 setup: no vLLM (our own sampler), no padding-free
 packing (padded batches); the log-prob passes (4, 5) run each prompt and its image once per
 micro-batch and the G completions on copies of its K/V (completion_logps), where verl runs prompt
-+ completion for every row: the same numbers, 1.9x faster on the demo
++ completion for every row: the same numbers, 1.6-1.9x faster on the demo
 (tests/bench/bench_grpo_rows.py); and logp_old is not recomputed when the rollout is used once in one
 step (mu=1 and prompts_per_step = prompts_per_rollout): then logp_old = logp.detach() and
 rho = 1 exactly. Otherwise it is recomputed with a forward pass, as verl does.

@@ -21,7 +21,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 
@@ -100,11 +99,8 @@ def main(argv=None):
             ts = []
             for _ in range(args.reps + 1):  # the first is the warm-up
                 model.zero_grad(set_to_none=True)
-                bench_sampler.sync(dev)
-                t = time.perf_counter()
-                lps[name] = passes(model, items, args.micro_batch, f, dev, grad)
-                bench_sampler.sync(dev)
-                ts.append(time.perf_counter() - t)
+                dt, lps[name] = bench_sampler.timed(dev, lambda: passes(model, items, args.micro_batch, f, dev, grad))
+                ts.append(dt)
             res[name, grad] = statistics.median(ts[1:])
     diff = (lps["plain"] - lps["shared"]).abs().max().item()
     for grad, label in ((False, "reference pass (no grad)"), (True, "update pass (fwd + bwd)")):
