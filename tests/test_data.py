@@ -27,13 +27,6 @@ def hf_processor(**kw):
     return Qwen2VLImageProcessorPil(**kw)
 
 
-def to_ids(*pieces):
-    """Expected ids for the tiny tokenizer: ints are token ids, strings are their utf-8 bytes."""
-    out = []
-    for p in pieces:
-        out += [p] if isinstance(p, int) else list(p.encode("utf-8"))
-    return out
-
 # -----------------------------------------------------------------------------
 # images
 
@@ -102,11 +95,33 @@ def test_image_file_errors(tmp_path):
 
 def test_special_ids(tok):
     ids = {t: tok.convert_tokens_to_ids(t) for t in data.SPECIAL_TOKENS + data.REASONING_TOKENS}
-    assert list(ids.values()) == list(range(256, 256 + 18)) and len(tok) == 274
+    assert list(ids.values()) == list(range(256, 256 + 18))
     assert data.special_ids(tok) == dict(image_pad=268, video_pad=269, vision_start=265,
                                          vision_end=266, im_start=257, im_end=258, endoftext=256)
     assert tok.eos_token_id == 258 and tok.pad_token_id == 256
     assert tok("<think>x</think>", add_special_tokens=False)["input_ids"] == [270, 120, 271]
+    # the merged tokens follow, one id each, up to the vocabulary's end
+    assert sorted(tok.get_vocab().values()) == list(range(len(tok)))
+
+
+def test_learn_merges_by_hand():
+    # pairs in "ab abc bc": ab 2, bc 2 -> "ab" (tie, first in order); then "ab abc bc" has
+    # (ab, c) 1, (b, c) 1 -> (ab, c) first in order; "bc" still needs (b, c)
+    assert data.learn_merges(["ab", "abc", "bc"]) == [("a", "b"), ("ab", "c"), ("b", "c")]
+    assert data.learn_merges(["a", ""]) == []
+
+
+def test_tiny_words_are_one_token(tok):
+    for word in data.TINY_WORDS:
+        for text in (word, " " + word):
+            assert len(tok(text, add_special_tokens=False)["input_ids"]) == 1, text
+    # digits stay single characters, so numbers are read digit by digit; unknown words fall back
+    # to bytes; everything decodes back to the text
+    text = "<think>red 12 blue 3. 12+3=15 reddish zebra</think> The red count is 15."
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    toks = tok.convert_ids_to_tokens(ids)
+    assert toks[:6] == ["<think>", "red", "Ġ", "1", "2", "Ġblue"] and "Ġzebra" not in toks
+    assert tok.decode(ids) == text
 
 
 def test_prompt_text_and_ids(tok):
@@ -115,8 +130,12 @@ def test_prompt_text_and_ids(tok):
                     "<|vision_start|><|image_pad|><|vision_end|>" + QUESTION + "<|im_end|>\n"
                     "<|im_start|>assistant\n")
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    assert ids == to_ids(257, "system\nYou are a helpful assistant.", 258, "\n", 257, "user\n",
-                         265, 268, 266, QUESTION, 258, "\n", 257, "assistant\n")
+    assert tok.convert_ids_to_tokens(ids) == [
+        "<|im_start|>", "system", "Ċ", "You", "Ġare", "Ġ", "a", "Ġhelpful", "Ġassistant", ".",
+        "<|im_end|>", "Ċ", "<|im_start|>", "user", "Ċ", "<|vision_start|>", "<|image_pad|>",
+        "<|vision_end|>", "How", "Ġmany", "Ġred", "Ġshapes", "Ġare",
+        "Ġ", "t", "h", "er", "e", "?", "<|im_end|>",  # "there" is not a listed word: BPE pieces
+        "Ċ", "<|im_start|>", "assistant", "Ċ"]
     # a system message replaces the default one; no image -> no vision tokens
     text = data.prompt_text(tok, "hi", n_images=0, system="Be brief.")
     assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n" \
@@ -138,7 +157,7 @@ def test_encode_prompt(tok):
     assert enc["image_grid_thw"].tolist() == [[1, 4, 6], [1, 4, 4]]
     assert (ids == 268).sum().item() == (24 + 16) // 4 and (ids == 265).sum().item() == 2
     assert enc["pixel_values"].shape == (24 + 16, 1176)
-    assert tok.decode(ids[-3:]) == "nt\n"
+    assert tok.decode(ids[-3:]) == "<|im_start|>assistant\n"
 
 
 def test_encode_sft_labels(tok):
