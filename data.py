@@ -9,8 +9,9 @@ the model eats.
   28x28 patch.
 - token ids and loss masks for SFT: labels = -100 except the assistant reply and its <|im_end|>.
 - batching: right or left padding, attention masks from lengths (the pad id may equal EOS).
-- a tiny byte-level tokenizer with Qwen's special tokens and chat template, saved in the same
-  layout as a real checkpoint so one loading path (AutoTokenizer) serves both.
+- a tiny byte-level BPE tokenizer (one token per word of the synthetic world) with Qwen's special
+  tokens and chat template, saved in the same layout as a real checkpoint so one loading path
+  (AutoTokenizer) serves both.
 - the first SFT set's filters: R1 traces (sample.py --task reason) -> the shortest correct trace
   per record, over-long ones dropped, rambling reflections cut (`python data.py traces`).
 """
@@ -716,8 +717,8 @@ def format_question(record, suffix=None):
 #
 # Why traces: a tiny model cannot map pixels to "2" in one jump, but it can read off what it sees
 # (one easy step per object or cell) and then compute (one easy step per operation). The trace
-# turns one hard step into several easy ones. Traces are short (40-170 chars) and regular, because
-# the demo's tokenizer is byte-level. Levels: `easy` (few objects, short listings) for SFT, `hard`
+# turns one hard step into several easy ones. Traces are short (40-170 chars, 25-81 tokens: the
+# demo's tokenizer has one token per word and one per digit) and regular. Levels: `easy` (few objects, short listings) for SFT, `hard`
 # (more objects, longer listings in the same grammar) for GRPO; see LEVELS.
 #
 # What a 0.84M-parameter model learns in a few CPU minutes shaped the grammar (each measured with
@@ -964,7 +965,7 @@ def table_line(cells, kind):
 def text_table(scene, kind, ans, choices=None):
     agg, c, xs = table_line(scene["cells"], kind)
     color = scene["colors"][c]
-    seen = f"{color} column: {' '.join(map(str, xs))}."
+    seen = f"the {color} column: {' '.join(map(str, xs))}."  # "the": so the colour is " blue", as asked
     if agg == "max":
         return (f"What is the largest in the {color} column?",
                 trace(f"{seen} max is {ans}.", f"The largest is {ans}.", ans))

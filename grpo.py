@@ -465,7 +465,7 @@ def staircase(root="runs", n_distill=12000, k=2):
     for torchrun)."""
     import eval as E  # (below us in the reading order: imported only when used)
     d = lambda *p: os.path.join(root, *p)
-    max_new = 192  # completion budget of the distill samples and the evaluations (traces <= 143 tokens)
+    max_new = 192  # completion budget of the distill samples and the evaluations (gold traces <= 81 tokens)
 
     def sft2():  # the GRPO1 model writes the next SFT set; SFT from the base on it
         if not os.path.exists(d("distill", "data.jsonl")):

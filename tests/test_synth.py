@@ -206,7 +206,7 @@ def test_table_tallies_and_column_colours_match_the_scene():
             k = int(p["kind"].split("=")[1]) - 1
             assert f"the {sc['colors'][k]} column" in p["question"]
             col = [row[k] for row in sc["cells"]]
-            assert p["solution"].startswith(f"<think>{sc['colors'][k]} column: {' '.join(map(str, col))}.")
+            assert p["solution"].startswith(f"<think>the {sc['colors'][k]} column: {' '.join(map(str, col))}.")
             for r, row in enumerate(sc["cells"]):
                 for c, v in enumerate(row):
                     rgb = S.COLORS[sc["colors"][c]]
