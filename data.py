@@ -718,10 +718,11 @@ def format_question(record, suffix=None):
 # Why traces: a tiny model cannot map pixels to "2" in one jump, but it can read off what it sees
 # (one easy step per object or cell) and then compute (one easy step per operation). The trace
 # turns one hard step into several easy ones. Traces are short (40-170 chars, 25-81 tokens: the
-# demo's tokenizer has one token per word and one per digit) and regular. Levels: `easy` (few objects, short listings) for SFT, `hard`
-# (more objects, longer listings in the same grammar) for GRPO; see LEVELS.
+# demo's tokenizer has one token per word and one per digit) and regular. Levels: `easy` (few
+# objects, short listings) for SFT, `hard` (more objects, longer listings in the same grammar) for
+# GRPO; see LEVELS.
 #
-# What a 0.84M-parameter model learns in a few CPU minutes shaped the grammar (each measured with
+# What a 0.85M-parameter model learns in a few CPU minutes shaped the grammar (each measured with
 # one SFT run of the demo, test accuracy of the family before -> after):
 # - things are found by what they look like, never by position: bars are listed by colour in a
 #   fixed order like counting (listed left to right, the model named the wrong colour for half the
@@ -737,6 +738,10 @@ def format_question(record, suffix=None):
 #   patch: 10% per digit, chance 11%; large digits, black or coloured: tables at 9-13%).
 #   Geometry labels are digits too, but the shapes are drawn to scale, most likely what it reads
 #   (not tested).
+# - a word the trace looks up is the same token as in the question: with one token per word,
+#   "<think>blue column: ..." began with the bare token "blue", which nothing else uses, while the
+#   question has " blue"; tables fell to 35-77% in four runs (some answers read another column
+#   entirely) and "<think>the blue column: ..." brought them back to 98%.
 #
 # Layout: every scene is laid out on the 4x4 grid of 28x28-pixel merged tokens (one shape, one
 # bar, one table cell, one geometry label per token): a tiny vision tower reads one thing per token.

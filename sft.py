@@ -30,14 +30,15 @@ Distributed: `fully_shard` (FSDP2) on each decoder layer, each vision block, the
 keeps the embedding and the tied lm_head together). gloo on CPU, nccl on CUDA. A single process
 runs the plain model (no process group, no wrapping): the same math with nothing in between.
 
-The embedded demo (`python sft.py`, no flags): a 0.84M-parameter tiny Qwen2.5-VL built from
+The embedded demo (`python sft.py`, no flags): a 0.85M-parameter tiny Qwen2.5-VL built from
 scratch (DEMO_TINY), 2000 steps of 32 easy synthetic problems (24000 made in memory: under 3
 epochs; 8000 were memorized: 34% vs 41% at the same cost, one seed each), AdamW lr 3e-3, then greedy accuracy
 on the 400 held-out test problems (easy and hard mixed). Measured on the 2-core CPU with nothing
-else running: 7.1 min wall-clock, 71% (table 98, bars 61, count 65, geometry 61; easy 80, hard
-62); a one-thread run of the same world gave 74.8% (geometry 62, bars 77). Families move by
-+-10-20 points between runs (multiple-choice geometry ranged 52-94% on easy over four runs of
-nearly this world), so one run says little about one family. The world's grammar was shaped by
+else running (a slow AVX2 one): 10.1 min wall-clock, 90.2% (table 98, bars 91, count 80,
+geometry 92; easy 98, hard 82.5). With the earlier byte-level tokenizer (180 tokens a row
+instead of 85) it took 19.2 min there and reached 76.75%. Families move by +-10-20 points
+between runs (multiple-choice geometry ranged 52-94% on easy over four runs of nearly this
+world), so one run says little about one family. The world's grammar was shaped by
 what such a model learns in the budget (see data.py's world notes): with bars read left to
 right, digit tables and a letter recalled for multiple choice, the same run gave 39%.
 """
