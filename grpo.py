@@ -184,22 +184,11 @@ def sft_term(policy, rows, tok, pad_id, coef, suffix, max_pixels, micro, world, 
     start model learned from (InstructGPT's "PPO-ptx"): GRPO's noisy updates, and what it
     over-learns on hard prompts, are pulled back where they break what SFT taught. Returns this
     rank's part of the SFT loss (the parts of all ranks sum to it), for the metrics."""
-    encs = [data.encode_sft(tok, data.format_question(r, suffix), r["solution"], r["images"], max_pixels=max_pixels)
-            for r in rows]
-    batches = [data.collate(encs[i:i + micro], pad_id) for i in range(0, len(encs), micro)]
-    n = torch.tensor(float(sum(sft.trained_tokens(b["labels"]) for b in batches)), device=device)
-    if world > 1:
-        torch.distributed.all_reduce(n)
-    total = 0.0
-    for b in batches:
-        b = {k: v.to(device) for k, v in b.items()}
-        with autocast:
-            logits = policy(b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_grid_thw"],
-                            logits=sft.loss_positions(b["labels"]))
-            loss = sft.sft_loss(logits, b["labels"], n)
-        (coef * loss * world).backward()
-        total += loss.item()
-    return total
+    batches = [sft.encode_batch(tok, rows[i:i + micro], pad_id, suffix, device, max_pixels=max_pixels)
+               for i in range(0, len(rows), micro)]
+    n = sft.all_reduce_sum(torch.tensor(float(sum(sft.trained_tokens(b["labels"]) for b in batches)),
+                                        device=device))  # trained tokens of the step's SFT rows, all ranks
+    return sft.backward_sft(policy, batches, n, world, autocast, coef).item()
 
 
 def family_sums(acc, families):

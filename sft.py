@@ -430,8 +430,34 @@ def micro_batches(rows, rank, world, micro):
     return [mine[i:i + micro] for i in range(0, len(mine), micro)]
 
 
+def encode_batch(tokenizer, rows, pad_id, suffix, device, **px):
+    """Records with a solution -> one padded SFT micro-batch (ids, labels, images) on device."""
+    encs = [data.encode_sft(tokenizer, data.format_question(r, suffix), r["solution"], r["images"], **px)
+            for r in rows]
+    return {k: v.to(device) for k, v in data.collate(encs, pad_id).items()}
+
+
 # -----------------------------------------------------------------------------
 # the training loop
+
+
+def backward_sft(model, batches, n_global, world, autocast, coef=1.0):
+    """Backpropagate coef x the SFT loss of this rank's micro-batches, each one's part of the
+    global token mean (n_global: trained tokens of the global batch). Returns this rank's part of
+    the loss (float64; the parts of all ranks sum to the global loss)."""
+    loss_sum = torch.zeros((), dtype=torch.float64, device=batches[0]["labels"].device)
+    for b in batches:
+        with autocast:
+            # the logits of the trained positions only, (N, vocab), from inside the forward
+            # (under FSDP the head's weights are gathered there)
+            logits = model(b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_grid_thw"],
+                           logits=loss_positions(b["labels"]))
+            loss = sft_loss(logits, b["labels"], n_global)
+        # FSDP averages gradients over ranks; the loss is already a global mean, so scale by
+        # the world size to turn that average back into the sum over ranks
+        (coef * loss * world).backward()
+        loss_sum += loss.detach()
+    return loss_sum
 
 
 def build_model(args, device):
@@ -530,29 +556,14 @@ def train(args):
         lr = cosine_lr(step, total, warmup, args.lr, args.min_lr)
         for g in opt.param_groups:
             g["lr"] = lr
-        batches = []
-        for mb in micro_batches(order(step), rank, world, micro):
-            encs = [data.encode_sft(tok, data.format_question(rows[i], suffix), rows[i]["solution"],
-                                    rows[i]["images"], **px) for i in mb]
-            batches.append({k: v.to(device) for k, v in data.collate(encs, pad_id).items()})
+        batches = [encode_batch(tok, [rows[i] for i in mb], pad_id, suffix, device, **px)
+                   for mb in micro_batches(order(step), rank, world, micro)]
         # N: trained tokens of the global batch, known before the first backward
         counts = torch.tensor([sum(trained_tokens(b["labels"]) for b in batches),
                                sum(int(b["attention_mask"].sum()) for b in batches)],
                               dtype=torch.float64, device=device)
         n_global, tokens_global = (int(x) for x in all_reduce_sum(counts).tolist())
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for b in batches:
-            with autocast:
-                # the logits of the trained positions only, (N, vocab), from inside the forward
-                # (under FSDP the head's weights are gathered there)
-                logits = model(b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_grid_thw"],
-                               logits=loss_positions(b["labels"]))
-                loss = sft_loss(logits, b["labels"], n_global)
-            # FSDP averages gradients over ranks; the loss is already a global mean, so scale by
-            # the world size to turn that average back into the sum over ranks
-            (loss * world).backward()
-            loss_sum += loss.detach()
-        loss_val = all_reduce_sum(loss_sum).item()
+        loss_val = all_reduce_sum(backward_sft(model, batches, n_global, world, autocast)).item()
         if not math.isfinite(loss_val):
             raise NonFiniteLoss(
                 f"loss is {loss_val} at step {step + 1}: stopping before the update. The last good "

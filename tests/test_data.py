@@ -115,12 +115,11 @@ def test_tiny_words_are_one_token(tok):
     for word in data.TINY_WORDS:
         for text in (word, " " + word):
             assert len(tok(text, add_special_tokens=False)["input_ids"]) == 1, text
-    # digits stay single characters, so numbers are read digit by digit; unknown words fall back
-    # to bytes; everything decodes back to the text
+    # digits stay single characters, so numbers are read digit by digit; words outside the list
+    # (and a listed word's prefix) still encode; everything decodes back to the text
     text = "<think>red 12 blue 3. 12+3=15 reddish zebra</think> The red count is 15."
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    toks = tok.convert_ids_to_tokens(ids)
-    assert toks[:6] == ["<think>", "red", "Ġ", "1", "2", "Ġblue"] and "Ġzebra" not in toks
+    assert tok.convert_ids_to_tokens(ids)[:6] == ["<think>", "red", "Ġ", "1", "2", "Ġblue"]
     assert tok.decode(ids) == text
 
 
