@@ -68,7 +68,7 @@ TINY_WORDS = (
     "You are helpful assistant system user "  # the default system prompt and the roles
     "How many What Which is the of in The shapes colour value bar column area perimeter Choices "
     "red green blue yellow circle circles square squares triangle triangles rectangle legs "
-    "count sum max min largest tallest shortest vs yes no"
+    "count sum max min largest tallest shortest vs yes no so"
 ).split()
 
 # Qwen2.5-VL's chat template (as in its chat_template.json): default system prompt, image and
@@ -746,11 +746,17 @@ def format_question(record, suffix=None):
 # Layout: every scene is laid out on the 4x4 grid of 28x28-pixel merged tokens (one shape, one
 # bar, one table cell, one geometry label per token): a tiny vision tower reads one thing per token.
 #
-# make_split(..., shortcut=f) replaces a fraction f of the traces by the summary alone
-# (shortcut_trace: '<think>The red count is 2.</think> ...'), like the paper's unfiltered first SFT
-# set, where many traces answer without reading the image (sft.py --shortcut; off by default:
-# measured, GRPO did not learn to prefer reading, because on this world answering directly is
-# nearly as accurate as reading first). The test and the GRPO prompts only use the answers.
+# make_split(..., jump=f) gives a fraction f of the traces the habit of the demo's first SFT set:
+# read, then jump to the value without the work (jump_trace: '<think>the blue column: 3 1 2. so
+# 6.</think> ...'), as a distilled teacher's trace often states a result it never worked out. The
+# demo's base model learns the world from full traces (sft.py, no flags); SFT1 fine-tunes it on a
+# set where 70% of traces jump (sft.py --jump 0.7): it keeps the skills but takes the habit, and
+# greedy jumps everywhere; GRPO's reward finds that working it out pays and turns it back (README,
+# staircase). Two other ways to leave GRPO room were measured and dropped: traces that skip the
+# reading too (the summary alone; direct answers are nearly as accurate as reading for bars and
+# counting), and jumps mixed in from scratch (the work is then seen in 30% of rows and never
+# learned well, so there is nothing better for GRPO to turn to). The test and the GRPO prompts
+# only use the answers.
 #
 # A record (one JSONL line): id, image (path relative to the JSONL), question, answer, choices
 # (multiple-choice geometry only: then `answer` is a letter A-D and the prompt builder must show the
@@ -1091,19 +1097,23 @@ def make_problem(family, level, rng, image_size=IMAGE_SIZE):
     return prob
 
 
-def shortcut_trace(solution):
-    """The same answer with the reading skipped: '<think>The red count is 2.</think> The red count
-    is 2. <answer>2</answer>' (the summary, stated with nothing read off the image)."""
-    summary, answer = solution.split("</think> ", 1)[1].split(" <answer>")
-    return trace(summary, summary, answer[:-len("</answer>")])
+def jump_trace(solution):
+    """The same reading, then a jump to the value without the work: '<think>the blue column: 3 1 2.
+    so 6.</think> The sum is 6. <answer>6</answer>' (the work, '3+1=4 4+2=6.', is skipped; for
+    multiple choice also the option checks, so the letter is recalled, not found)."""
+    think, rest = solution[len("<think>"):].split("</think> ", 1)
+    summary, answer = rest.split(" <answer>")
+    reading = think.split(". ", 1)[0].rstrip(".") + "."
+    value = summary.rstrip(".").split()[-1]
+    return trace(f"{reading} so {value}.", summary, answer[:-len("</answer>")])
 
 
-def make_split(n, level, seed, families=None, split="train", image_size=IMAGE_SIZE, shortcut=0.0):
+def make_split(n, level, seed, families=None, split="train", image_size=IMAGE_SIZE, jump=0.0):
     """n problems in memory. Families go round-robin; level 'mix' alternates easy/hard per round,
     so every family gets both levels. Problem i uses random.Random(f'{split}:{seed}:{i}').
-    shortcut: the fraction of problems whose trace jumps to the answer (shortcut_trace), like the
-    paper's unfiltered first SFT set, whose traces often answer without reading the image
-    carefully; drawn from its own stream, so the problems themselves do not change."""
+    jump: the fraction of problems whose trace skips the work (jump_trace), the habit of the
+    demo's first SFT set (see the notes above FAMILIES); drawn from its own stream, so the
+    problems themselves do not change."""
     families = list(families or FAMILIES)
     probs = []
     for i in range(n):
@@ -1111,8 +1121,8 @@ def make_split(n, level, seed, families=None, split="train", image_size=IMAGE_SI
         lvl = level if level != "mix" else ("easy", "hard")[(i // len(families)) % 2]
         p = make_problem(fam, lvl, random.Random(f"{split}:{seed}:{i}"), image_size)
         p["id"] = f"{split}{seed}_{i:05d}"
-        if shortcut and random.Random(f"shortcut:{split}:{seed}:{i}").random() < shortcut:
-            p["solution"] = shortcut_trace(p["solution"])
+        if jump and random.Random(f"jump:{split}:{seed}:{i}").random() < jump:
+            p["solution"] = jump_trace(p["solution"])
         probs.append(p)
     return probs
 
@@ -1168,11 +1178,11 @@ def synth_main(argv=None):
         recs = write_split(args.out, args.n, args.level, args.seed, families, args.image_size)
     print(f"wrote {len(recs)} problems to {args.out}/data.jsonl in {time.time() - t0:.1f}s")
 
-def synth_records(n, level, seed, split="train", families=None, image_size=IMAGE_SIZE, shortcut=0.0):
+def synth_records(n, level, seed, split="train", families=None, image_size=IMAGE_SIZE, jump=0.0):
     """The same problems as write_split, in memory, in the record form the readers return (the
     images are PIL images instead of paths). What sft.py, grpo.py and eval.py use by default."""
     recs = []
-    for p in make_split(n, level, seed, families, split, image_size, shortcut):
+    for p in make_split(n, level, seed, families, split, image_size, jump):
         meta = {k: p[k] for k in ("family", "level", "kind", "scene")}
         recs.append(dict(id=p["id"], images=[p["image"]], question=p["question"], answer=p["answer"],
                          choices=p.get("choices"), solution=p["solution"], meta=meta,

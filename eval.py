@@ -1,7 +1,7 @@
 """
 Accuracy of a checkpoint on a benchmark file, broken down by type.
 
-    python eval.py --model runs/sft1                    # the held-out synthetic test split
+    python eval.py --model runs/grpo1                   # the held-out synthetic test split
     python eval.py --model DIR --data testmini.jsonl --suffix r1 --max-new-tokens 2048
     torchrun --nproc_per_node=8 eval.py --model DIR --data FILE   # data-parallel, rank 0 gathers
     python eval.py --data FILE --predictions preds.jsonl          # rescore saved completions

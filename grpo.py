@@ -2,7 +2,7 @@
 GRPO, by hand: sample G completions per prompt, score them, push up the better ones.
 
     python grpo.py                                   # the embedded demo: runs/sft1 -> runs/grpo1
-    python grpo.py --staircase                       # SFT1 -> GRPO1 -> SFT2 -> GRPO2 (see staircase())
+    python grpo.py --staircase                       # base -> SFT1 -> GRPO1 -> SFT2 -> GRPO2 (see staircase())
     torchrun --nproc_per_node=8 grpo.py --model DIR --data train.jsonl ...   # FSDP2, see README
 
 One step (a "rollout"), for P prompts:
@@ -32,8 +32,9 @@ Knobs: eps_low/eps_high (--clip-low/--clip-high) bound how far one update moves 
 probability; --dual-clip bounds negative-advantage terms; --beta weighs the KL to the start
 model; --mu and --prompts-per-step set how off-policy the later steps of a rollout get.
 --prompts-per-step also sets the noise of each step: on the embedded demo, 16 prompts x 8 at lr
-1e-4 is barely above the noise floor (README: a random reward moves the test by -0.5 points,
-the real one by +0 to +3.5), and at lr 3e-4 noise costs 5-10 points unless the step holds 4x the
+1e-4 is barely above the noise floor for slow skills (README: a random reward moves the test by
+-0.5 points, the real one by +0 to +3.5 from SFT models with no habit to turn round; from the
+demo's SFT1, which jumps to the value without the work, +22.75 in 100 rollouts), and at lr 3e-4 noise costs 5-10 points unless the step holds 4x the
 prompts or --sft-coef 1 pulls it back (it holds the model steady; it does not add a gain).
 --sft-coef adds coef x an SFT loss on the start model's data to every optimizer step (InstructGPT's
 PPO-ptx; off by default, the paper has none): a pull back toward what SFT taught.
@@ -259,9 +260,10 @@ def get_args(argv=None):
 def main(argv=None):
     a = get_args(argv)
     if a.staircase:
-        return staircase()
+        return staircase(seed=a.seed)
     if a.model == "runs/sft1" and not os.path.exists(a.model):
-        raise SystemExit("grpo.py: no runs/sft1; the demo starts from the SFT model: run `python sft.py` "
+        raise SystemExit("grpo.py: no runs/sft1; the demo starts from the SFT1 model: run `python sft.py` "
+                         f"and then `python sft.py {' '.join(SFT_FROM_BASE)} --jump 0.7 --out runs/sft1` "
                          "first (or `python grpo.py --staircase` for the whole loop)")
     rank, world, device = sft.dist_init(a.device)
     bf16 = a.bf16 if a.bf16 is not None else str(device).startswith("cuda")
@@ -438,45 +440,55 @@ def main(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# the paper's staircase on the embedded world: SFT1 -> GRPO1 -> SFT2 -> GRPO2
+# the paper's staircase on the embedded world: base -> SFT1 -> GRPO1 -> SFT2 -> GRPO2
 
 
-def staircase(root="runs", n_distill=12000, k=2):
-    """Iteration 1: SFT on the generator's gold traces (easy problems), then GRPO (hard ones).
-    Iteration 2, as the paper builds it: the GRPO1 model answers n_distill training problems k
-    times each (sample.py --task distill), data.py traces keeps the shortest correct answer of
-    each, sft.py trains on that from the base (the random tiny model here, Qwen2.5-VL-7B in the
-    paper), and GRPO runs again from there (12000 problems x 2 samples: SFT2 then trains its 2000
-    steps on several thousand kept traces instead of overfitting a few thousand; sampling them
-    takes a few minutes). Each stage is evaluated greedily on the held-out
-    test; the table goes to runs/staircase.md. Stages already done (in runs/staircase.json, with
-    their model on disk) are skipped, so a rerun continues. One process (run the stages by hand
-    for torchrun)."""
+SFT_FROM_BASE = ["--model", "runs/base", "--steps", "300", "--lr", "3e-4", "--warmup", "0", "--data-seed", "1"]
+
+
+def staircase(root="runs", n_distill=12000, k=2, seed=0):
+    """The paper's loop on the embedded world, each stage evaluated greedily on the held-out test.
+    Base: the tiny VLM learns the world from scratch on full traces of easy problems (sft.py with
+    no flags; it stands in for Qwen2.5-VL-Instruct, which the real recipe downloads). SFT1 fine-
+    tunes the base on the first SFT set, whose traces jump to the value without the work 70% of the
+    time (--jump 0.7; the paper's first set is distilled from a text model's traces). GRPO1 on
+    hard problems. Iteration 2, as the paper builds it: the GRPO1 model answers n_distill training
+    problems k times each (sample.py --task distill), data.py traces keeps the shortest correct
+    answer of each, sft.py fine-tunes the base on that (SFT2), and GRPO runs again from there.
+    seed (--seed) sets the base's initialization and GRPO's and the distillation's sampling, for
+    a second run. The table goes to runs/staircase.md. Stages already done (in
+    runs/staircase.json, with their model on disk) are skipped, so a rerun continues. One process
+    (run the stages by hand for torchrun)."""
     import eval as E  # (below us in the reading order: imported only when used)
     d = lambda *p: os.path.join(root, *p)
     max_new = 192  # completion budget of the distill samples and the evaluations (gold traces <= 81 tokens)
+    from_base = [d("base") if x == "runs/base" else x for x in SFT_FROM_BASE]
+    sft_run = lambda args: sft.train(sft.parser().parse_args(args + ["--eval-n", "0"]))
+    sd = ["--seed", str(seed)] if seed else []
+    q = lambda args: "".join(" " + x for x in args)  # the flags as the table shows them
 
     def sft2():  # the GRPO1 model writes the next SFT set; SFT from the base on it
         if not os.path.exists(d("distill", "data.jsonl")):
             data.write_split(d("distill"), n_distill, "mix", seed=2)
         sample.main(["--task", "distill", "--model", d("grpo1"), "--data", d("distill", "data.jsonl"),
                      "--out", d("distill", "samples.jsonl"), "--n", str(k), "--max-new-tokens", str(max_new),
-                     "--batch-size", "64"])
+                     "--batch-size", "64"] + sd)
         data.main(["traces", "--data", d("distill", "samples.jsonl"), "--out", d("sft2.jsonl")])
-        sft.train(sft.parser().parse_args(["--data", d("sft2.jsonl"), "--out", d("sft2"), "--eval-n", "0"]))
+        sft_run(from_base + ["--data", d("sft2.jsonl"), "--out", d("sft2")])
 
     stages = [
-        ("SFT1", d("sft1"), f"python sft.py --out {d('sft1')}",
-         lambda: sft.train(sft.parser().parse_args(["--out", d("sft1"), "--eval-n", "0"]))),
-        ("GRPO1", d("grpo1"), f"python grpo.py --model {d('sft1')} --out {d('grpo1')}",
-         lambda: main(["--model", d("sft1"), "--out", d("grpo1"), "--eval-every", "0"])),
+        ("base", d("base"), f"python sft.py{q(sd)} --out {d('base')}", lambda: sft_run(sd + ["--out", d("base")])),
+        ("SFT1", d("sft1"), f"python sft.py {' '.join(from_base)} --jump 0.7 --out {d('sft1')}",
+         lambda: sft_run(from_base + ["--jump", "0.7", "--out", d("sft1")])),
+        ("GRPO1", d("grpo1"), f"python grpo.py --model {d('sft1')} --out {d('grpo1')}{q(sd)}",
+         lambda: main(["--model", d("sft1"), "--out", d("grpo1"), "--eval-every", "0"] + sd)),
         ("SFT2", d("sft2"), f"python data.py synth --out {d('distill')} --n {n_distill} --level mix --seed 2\n"
          f"python sample.py --task distill --model {d('grpo1')} --data {d('distill', 'data.jsonl')} "
-         f"--out {d('distill', 'samples.jsonl')} --n {k} --max-new-tokens {max_new} --batch-size 64\n"
+         f"--out {d('distill', 'samples.jsonl')} --n {k} --max-new-tokens {max_new} --batch-size 64{q(sd)}\n"
          f"python data.py traces --data {d('distill', 'samples.jsonl')} --out {d('sft2.jsonl')}\n"
-         f"python sft.py --data {d('sft2.jsonl')} --out {d('sft2')}", sft2),
-        ("GRPO2", d("grpo2"), f"python grpo.py --model {d('sft2')} --out {d('grpo2')}",
-         lambda: main(["--model", d("sft2"), "--out", d("grpo2"), "--eval-every", "0"])),
+         f"python sft.py {' '.join(from_base)} --data {d('sft2.jsonl')} --out {d('sft2')}", sft2),
+        ("GRPO2", d("grpo2"), f"python grpo.py --model {d('sft2')} --out {d('grpo2')}{q(sd)}",
+         lambda: main(["--model", d("sft2"), "--out", d("grpo2"), "--eval-every", "0"] + sd)),
     ]
     test = data.synth_test_records()
     table_path, rows = d("staircase.json"), {}

@@ -3,7 +3,9 @@ Supervised fine-tuning: masked cross-entropy on the assistant's tokens, AdamW wi
 cosine decay, gradient clipping and accumulation, FSDP2 under torchrun; and the small distributed
 kit (init, FSDP wrapping, checkpoints, metrics) that grpo.py and eval.py import.
 
-    python sft.py                                   # the embedded demo: tiny model, easy synthetic problems
+    python sft.py                                   # the embedded demo's base: tiny model, easy synthetic problems
+    python sft.py --model runs/base --steps 300 --lr 3e-4 --warmup 0 --data-seed 1 --jump 0.7 \\
+        --out runs/sft1                             # the demo's SFT1 (grpo.SFT_FROM_BASE)
     python sft.py --model Qwen2.5-VL-7B-Instruct --data traces.jsonl --freeze-vision --steps 0 \\
         --epochs 1 --lr 5e-6 --min-lr 0 --warmup 0.1 --beta2 0.999 --batch-size 32 \\
         --micro-batch-size 2 --activation-checkpointing --out runs/sft1     # the real recipe
@@ -20,7 +22,7 @@ first backward), so accumulation and data parallelism give exactly the per-token
 whole batch: a long reply weighs more than a short one, as in the paper's trainer (token mean).
 Prompt, image and padding positions never reach the loss, so their gradient is exactly zero.
 
-Outputs, in --out (default runs/sft1): the final model in the HF layout (config.json,
+Outputs, in --out (default runs/base): the final model in the HF layout (config.json,
 model.safetensors, tokenizer files: `load_model`, `eval.py --model`, and transformers load it),
 metrics.jsonl (one line per step: step, loss, lr, grad_norm, tokens, tokens_per_s, elapsed), and
 checkpoints/step_NNNNNN/ (the same HF layout + optimizer/ + trainer_state.pt) every --save-every
@@ -30,7 +32,7 @@ Distributed: `fully_shard` (FSDP2) on each decoder layer, each vision block, the
 keeps the embedding and the tied lm_head together). gloo on CPU, nccl on CUDA. A single process
 runs the plain model (no process group, no wrapping): the same math with nothing in between.
 
-The embedded demo (`python sft.py`, no flags): a 0.85M-parameter tiny Qwen2.5-VL built from
+The embedded demo's base (`python sft.py`, no flags): a 0.85M-parameter tiny Qwen2.5-VL built from
 scratch (DEMO_TINY), 2000 steps of 32 easy synthetic problems (24000 made in memory: under 3
 epochs; 8000 were memorized: 34% vs 41% at the same cost, one seed each), AdamW lr 3e-3, then greedy accuracy
 on the 400 held-out test problems (easy and hard mixed). Measured on the 2-core CPU with nothing
@@ -41,6 +43,9 @@ between runs (multiple-choice geometry ranged 52-94% on easy over four runs of n
 world), so one run says little about one family. The world's grammar was shaped by
 what such a model learns in the budget (see data.py's world notes): with bars read left to
 right, digit tables and a letter recalled for multiple choice, the same run gave 39%.
+This model stands in for the real recipe's downloaded Qwen2.5-VL-Instruct: the demo's SFT1 and
+SFT2 are short fine-tunes of it (300 steps at lr 3e-4), SFT1 on traces that mostly jump to the
+value without the work (--jump 0.7, data.jump_trace), as in grpo.staircase.
 """
 
 import argparse
@@ -482,7 +487,7 @@ def load_train_records(args):
             return data.load_records(args.data, skip_bad=not args.strict)
         except ValueError as e:
             raise BadData(str(e)) from e
-    return data.synth_records(args.n_train, args.level, args.data_seed, shortcut=args.shortcut), 0
+    return data.synth_records(args.n_train, args.level, args.data_seed, jump=args.jump), 0
 
 
 def train(args):
@@ -645,11 +650,12 @@ def parser():
                                    "each record's solution); default: synthetic problems made in memory")
     a("--n-train", type=int, default=24000, help="synthetic training problems (without --data)")
     a("--level", default="easy", choices=["easy", "hard", "mix"], help="synthetic level (without --data)")
-    a("--shortcut", type=float, default=0.0, help="fraction of synthetic traces that skip the reading "
-                                                 "and state the answer (without --data; see data.make_split)")
+    a("--jump", type=float, default=0.0, help="fraction of synthetic traces that skip the work and jump "
+                                             "to the value (without --data; the demo's SFT1 uses 0.7; "
+                                             "see data.jump_trace)")
     a("--data-seed", type=int, default=0, help="seed of the synthetic problems and of the data order")
     a("--suffix", default="", help="text after each question: '', 'r1' (the paper's prompt) or a literal string")
-    a("--out", default="runs/sft1", help="output directory (model, metrics.jsonl, checkpoints/)")
+    a("--out", default="runs/base", help="output directory (model, metrics.jsonl, checkpoints/)")
     a("--steps", type=int, default=2000, help="optimizer steps (0: from --epochs)")
     a("--epochs", type=float, default=1.0, help="passes over the data when --steps is 0")
     a("--batch-size", type=int, default=32, help="global batch, rows per optimizer step (all ranks)")

@@ -179,20 +179,35 @@ def test_cli(tmp_path):
         S.synth_main(["--out", str(tmp_path), "--families", "nope"])
 
 
-def test_shortcut_traces():
+def test_jump_traces():
     plain = S.make_split(40, "easy", 0)
-    short = S.make_split(40, "easy", 0, shortcut=0.5)
+    jumped = S.make_split(40, "easy", 0, jump=0.7)
     changed = 0
-    for a, b in zip(plain, short):
+    for a, b in zip(plain, jumped):
         assert (a["question"], a["answer"], a["scene"]) == (b["question"], b["answer"], b["scene"])
         if a["solution"] != b["solution"]:
             changed += 1
-            # the reading is skipped: the think only states the summary, the answer is the same
-            assert b["solution"] == S.shortcut_trace(a["solution"])
-            think, rest = b["solution"][len("<think>"):].split("</think> ")
-            assert rest.startswith(think) and b["solution"].endswith(f"<answer>{a['answer']}</answer>")
-    assert 10 <= changed <= 30
-    assert S.make_split(40, "easy", 0, shortcut=0.5) == short  # deterministic
+            assert b["solution"] == S.jump_trace(a["solution"])
+            # the same reading and summary and answer; the work between them is gone
+            reading = a["solution"].split(". ")[0]
+            summary = a["solution"].split("</think> ")[1]
+            assert b["solution"].startswith(reading + ". so ") and b["solution"].endswith("</think> " + summary)
+            assert TRACE.match(b["solution"])
+    assert 20 <= changed <= 36  # 70% of 40
+    assert S.make_split(40, "easy", 0, jump=0.7) == jumped  # deterministic
+
+
+def test_jump_trace_by_hand():
+    t = S.jump_trace("<think>the blue column: 3 1 2. 3+1=4 4+2=6.</think> The sum is 6. <answer>6</answer>")
+    assert t == "<think>the blue column: 3 1 2. so 6.</think> The sum is 6. <answer>6</answer>"
+    t = S.jump_trace("<think>w 4 h 3. 4*3=12. A 13 vs 12 no. B 12 vs 12 yes.</think> The area is 12. "
+                     "<answer>B</answer>")  # multiple choice: the option checks go too
+    assert t == "<think>w 4 h 3. so 12.</think> The area is 12. <answer>B</answer>"
+    t = S.jump_trace("<think>red 2 green 5. max red 2, green 5 vs 2 green 5.</think> The tallest is green. "
+                     "<answer>green</answer>")
+    assert t == "<think>red 2 green 5. so green.</think> The tallest is green. <answer>green</answer>"
+    tok = S.build_tiny_tokenizer()
+    assert tok.tokenize(" so") == ["Ġso"]  # the jump is one token: the choice GRPO turns around
 
 
 def test_table_tallies_and_column_colours_match_the_scene():
