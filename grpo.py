@@ -34,8 +34,9 @@ model; --mu and --prompts-per-step set how off-policy the later steps of a rollo
 --prompts-per-step also sets the noise of each step: on the embedded demo, 16 prompts x 8 at lr
 1e-4 is barely above the noise floor for slow skills (README: a random reward moves the test by
 -0.5 points, the real one by +0 to +3.5 from SFT models with no habit to turn round; from the
-demo's SFT1, which jumps to the value without the work, +22.75 in 100 rollouts), and at lr 3e-4 noise costs 5-10 points unless the step holds 4x the
-prompts or --sft-coef 1 pulls it back (it holds the model steady; it does not add a gain).
+demo's SFT1, which jumps to the value without the work, +22.75 in 100 rollouts), and at lr 3e-4
+noise costs 5-10 points unless the step holds 4x the prompts or --sft-coef 1 pulls it back (it
+holds the model steady; it does not add a gain).
 --sft-coef adds coef x an SFT loss on the start model's data to every optimizer step (InstructGPT's
 PPO-ptx; off by default, the paper has none): a pull back toward what SFT taught.
 How this departs from the paper's EasyR1 setup: no vLLM (our own sampler), no padding-free
@@ -478,7 +479,7 @@ def staircase(root="runs", n_distill=12000, k=2, seed=0):
 
     stages = [
         ("base", d("base"), f"python sft.py{q(sd)} --out {d('base')}", lambda: sft_run(sd + ["--out", d("base")])),
-        ("SFT1", d("sft1"), f"python sft.py {' '.join(from_base)} --jump 0.7 --out {d('sft1')}",
+        ("SFT1", d("sft1"), f"python sft.py{q(from_base)} --jump 0.7 --out {d('sft1')}",
          lambda: sft_run(from_base + ["--jump", "0.7", "--out", d("sft1")])),
         ("GRPO1", d("grpo1"), f"python grpo.py --model {d('sft1')} --out {d('grpo1')}{q(sd)}",
          lambda: main(["--model", d("sft1"), "--out", d("grpo1"), "--eval-every", "0"] + sd)),
@@ -486,7 +487,7 @@ def staircase(root="runs", n_distill=12000, k=2, seed=0):
          f"python sample.py --task distill --model {d('grpo1')} --data {d('distill', 'data.jsonl')} "
          f"--out {d('distill', 'samples.jsonl')} --n {k} --max-new-tokens {max_new} --batch-size 64{q(sd)}\n"
          f"python data.py traces --data {d('distill', 'samples.jsonl')} --out {d('sft2.jsonl')}\n"
-         f"python sft.py {' '.join(from_base)} --data {d('sft2.jsonl')} --out {d('sft2')}", sft2),
+         f"python sft.py{q(from_base)} --data {d('sft2.jsonl')} --out {d('sft2')}", sft2),
         ("GRPO2", d("grpo2"), f"python grpo.py --model {d('sft2')} --out {d('grpo2')}{q(sd)}",
          lambda: main(["--model", d("sft2"), "--out", d("grpo2"), "--eval-every", "0"] + sd)),
     ]
