@@ -720,7 +720,9 @@ def format_question(record, suffix=None):
 # turns one hard step into several easy ones. Traces are short (40-170 chars, 25-81 tokens: the
 # demo's tokenizer has one token per word and one per digit) and regular. Levels: `easy` (few
 # objects, short listings) for SFT, `hard` (more objects, longer listings in the same grammar) for
-# GRPO; see LEVELS.
+# GRPO; see LEVELS. The demo's staircase runs GRPO1 on easy problems and GRPO2 on easy and hard
+# ones, as the paper's GRPO sets get harder; the second iteration's room is the hard level's one
+# more bar and one more row, which no SFT set shows (README, staircase).
 #
 # What a 0.85M-parameter model learns in a few CPU minutes shaped the grammar (each measured with
 # one SFT run of the demo, test accuracy of the family before -> after):
@@ -752,8 +754,8 @@ def format_question(record, suffix=None):
 # demo's base model learns the world from full traces (sft.py, no flags); SFT1 fine-tunes it on a
 # set where 70% of traces jump (sft.py --jump 0.7): it keeps the skills but takes the habit (greedy,
 # it jumped on 83% of the test problems, 22.5 points under its base); GRPO's reward finds that
-# working it out pays and turns it round (README, staircase). Two other ways to leave GRPO room were measured and dropped: traces that skip the
-# reading too (the summary alone; direct answers are nearly as accurate as reading for bars and
+# working it out pays and turns it round (README, staircase). Two other ways to leave GRPO room
+# were measured and dropped: traces that skip the reading too (the summary alone; direct answers are nearly as accurate as reading for bars and
 # counting), and jumps mixed in from scratch (the work is then seen in 30% of rows and never
 # learned well, so there is nothing better for GRPO to turn to). The test and the GRPO prompts
 # only use the answers.
@@ -783,9 +785,10 @@ LEVELS = {  # what makes a level hard: more objects and longer listings, in the 
     # Hard stays within reach of the easy-trained model's own samples (as in DESIGN.md 6): the
     # same listing steps, only more of them, and the same numbers (bars 1-6, table tallies 1-4).
     # Easy already mixes listing lengths (2-3 bars; 2x2, 2x3 and 3x2 tables), so the model learns
-    # "list what is there" rather than "list three"; hard asks for 4 bars and 3x3 tables.
+    # "list what is there" rather than "list three"; hard asks for one more: 4 bars, columns of 4
+    # tallies (the fourth bar and the fourth row are what GRPO learns from the model's own samples).
     "easy": dict(count_n=(2, 5), bars_n=(2, 3), bars_max=6, table_shapes=((2, 2), (2, 3), (3, 2)), side=(1, 5)),
-    "hard": dict(count_n=(6, 10), bars_n=(4, 4), bars_max=6, table_shapes=((3, 3),), side=(2, 6)),
+    "hard": dict(count_n=(6, 10), bars_n=(4, 4), bars_max=6, table_shapes=((4, 2), (4, 3)), side=(2, 6)),
 }
 GEO_MC = 0.5               # probability that a geometry problem is multiple choice
 DIGITS = {  # 3x5 pixel font, rows top to bottom

@@ -447,14 +447,18 @@ def main(argv=None):
 SFT_FROM_BASE = ["--model", "runs/base", "--steps", "300", "--lr", "3e-4", "--warmup", "0", "--data-seed", "1"]
 
 
-def staircase(root="runs", n_distill=12000, k=2, seed=0):
-    """The paper's loop on the embedded world, each stage evaluated greedily on the held-out test.
-    Base: the tiny VLM learns the world from scratch on full traces of easy problems (sft.py with
-    no flags; it stands in for Qwen2.5-VL-Instruct, which the real recipe downloads). SFT1 fine-
-    tunes the base on the first SFT set, whose traces jump to the value without the work 70% of the
-    time (--jump 0.7; the paper's first set is distilled from a text model's traces). GRPO1 on
-    hard problems. Iteration 2, as the paper builds it: the GRPO1 model answers n_distill training
-    problems k times each (sample.py --task distill), data.py traces keeps the shortest correct
+def staircase(root="runs", n_distill=12000, k=2, seed=0, test_n=2000):
+    """The paper's loop on the embedded world, each stage evaluated greedily on the held-out test
+    (its first test_n problems: 2000, so one standard error is ~1 point; eval.py's default 400 are
+    the first of them). Base: the tiny VLM learns the world from scratch on full traces of easy
+    problems (sft.py with no flags; it stands in for Qwen2.5-VL-Instruct, which the real recipe
+    downloads). SFT1 fine-tunes the base on the first SFT set, whose traces jump to the value
+    without the work 70% of the time (--jump 0.7; the paper's first set is distilled from a text
+    model's traces). GRPO1 on problems of the SFT level (easy), GRPO2 on easy and hard ones
+    (--level mix): the paper's GRPO sets get harder from one iteration to the next (its released
+    sets: medium, then hard); the easy half keeps GRPO2 from listing four rows everywhere.
+    Iteration 2, as the paper builds it: the GRPO1 model answers n_distill training problems (easy
+    and hard) k times each (sample.py --task distill), data.py traces keeps the shortest correct
     answer of each, sft.py fine-tunes the base on that (SFT2), and GRPO runs again from there.
     seed (--seed) sets the base's initialization and GRPO's and the distillation's sampling, for
     a second run. The table goes to runs/staircase.md. Stages already done (in
@@ -481,17 +485,17 @@ def staircase(root="runs", n_distill=12000, k=2, seed=0):
         ("base", d("base"), f"python sft.py{q(sd)} --out {d('base')}", lambda: sft_run(sd + ["--out", d("base")])),
         ("SFT1", d("sft1"), f"python sft.py{q(from_base)} --jump 0.7 --out {d('sft1')}",
          lambda: sft_run(from_base + ["--jump", "0.7", "--out", d("sft1")])),
-        ("GRPO1", d("grpo1"), f"python grpo.py --model {d('sft1')} --out {d('grpo1')}{q(sd)}",
-         lambda: main(["--model", d("sft1"), "--out", d("grpo1"), "--eval-every", "0"] + sd)),
+        ("GRPO1", d("grpo1"), f"python grpo.py --model {d('sft1')} --level easy --out {d('grpo1')}{q(sd)}",
+         lambda: main(["--model", d("sft1"), "--level", "easy", "--out", d("grpo1"), "--eval-every", "0"] + sd)),
         ("SFT2", d("sft2"), f"python data.py synth --out {d('distill')} --n {n_distill} --level mix --seed 2\n"
          f"python sample.py --task distill --model {d('grpo1')} --data {d('distill', 'data.jsonl')} "
          f"--out {d('distill', 'samples.jsonl')} --n {k} --max-new-tokens {max_new} --batch-size 64{q(sd)}\n"
          f"python data.py traces --data {d('distill', 'samples.jsonl')} --out {d('sft2.jsonl')}\n"
          f"python sft.py{q(from_base)} --data {d('sft2.jsonl')} --out {d('sft2')}", sft2),
-        ("GRPO2", d("grpo2"), f"python grpo.py --model {d('sft2')} --out {d('grpo2')}{q(sd)}",
-         lambda: main(["--model", d("sft2"), "--out", d("grpo2"), "--eval-every", "0"] + sd)),
+        ("GRPO2", d("grpo2"), f"python grpo.py --model {d('sft2')} --level mix --out {d('grpo2')}{q(sd)}",
+         lambda: main(["--model", d("sft2"), "--level", "mix", "--out", d("grpo2"), "--eval-every", "0"] + sd)),
     ]
-    test = data.synth_test_records()
+    test = data.synth_test_records(test_n)
     table_path, rows = d("staircase.json"), {}
     if os.path.exists(table_path):
         with open(table_path) as f:

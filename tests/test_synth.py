@@ -131,6 +131,11 @@ def test_levels_differ_in_difficulty():
     assert easy["bars_n"][1] < hard["bars_n"][1] and easy["bars_max"] == hard["bars_max"]
     assert max(r * c for r, c in easy["table_shapes"]) < min(r * c for r, c in hard["table_shapes"])
     assert easy["side"][1] < hard["side"][1]
+    # the second iteration's room: one more bar, one more row than any easy problem has
+    assert hard["bars_n"][0] == easy["bars_n"][1] + 1
+    assert min(r for r, _ in hard["table_shapes"]) == max(r for r, _ in easy["table_shapes"]) + 1
+    t = S.make_problem("table", "hard", random.Random(3))
+    assert len(t["solution"].split(" column: ")[1].split(".")[0].split()) == 4, t["solution"]
     rng = random.Random(0)
     for level, p in S.LEVELS.items():
         for _ in range(20):
