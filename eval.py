@@ -1,7 +1,7 @@
 """
 Accuracy of a checkpoint on a benchmark file, broken down by type.
 
-    python eval.py --model runs/grpo1                   # the held-out synthetic test split
+    python eval.py --model runs/grpo1                   # the held-out synthetic test split (2000)
     python eval.py --model DIR --data testmini.jsonl --suffix r1 --max-new-tokens 2048
     torchrun --nproc_per_node=8 eval.py --model DIR --data FILE   # data-parallel, rank 0 gathers
     python eval.py --data FILE --predictions preds.jsonl          # rescore saved completions
@@ -133,6 +133,8 @@ def main(argv=None):
     p.add_argument("--model", help="checkpoint directory (HF layout, with tokenizer)")
     p.add_argument("--data", help="benchmark file (JSONL: ours, MathVista, MathVerse, MathVision; "
                                   "or MathVista's annotation JSON); default: the synthetic test split")
+    p.add_argument("--n-test", type=int, default=2000, help="held-out synthetic problems when --data is not "
+                   "given (the staircase's 2000; the first N of them)")
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N items only (0 = all)")
     p.add_argument("--batch-size", type=int, default=32, help="prompts per generation call, per process")
     p.add_argument("--max-new-tokens", type=int, default=256, help="completion budget, tokens")
@@ -150,7 +152,7 @@ def main(argv=None):
         if n_bad:
             print0(f"skipped {n_bad} bad rows of {a.data}")
     else:
-        records = data.synth_test_records()
+        records = data.synth_test_records(a.n_test)
     if a.limit:
         records = records[:a.limit]
     if a.predictions:
