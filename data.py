@@ -755,9 +755,10 @@ def format_question(record, suffix=None):
 # set where 70% of traces jump (sft.py --jump 0.7): it keeps the skills but takes the habit (greedy,
 # it jumped on 83% of the test problems, 22.5 points under its base); GRPO's reward finds that
 # working it out pays and turns it round (README, staircase). Two other ways to leave GRPO room
-# were measured and dropped: traces that skip the reading too (the summary alone; direct answers are nearly as accurate as reading for bars and
-# counting), and jumps mixed in from scratch (the work is then seen in 30% of rows and never
-# learned well, so there is nothing better for GRPO to turn to). The test and the GRPO prompts
+# were measured and dropped: traces that skip the reading too (the summary alone; direct answers
+# are nearly as accurate as reading for bars and counting), and jumps mixed in from scratch (the
+# work is then seen in 30% of rows and never learned well, so there is nothing better for GRPO to
+# turn to). The test and the GRPO prompts
 # only use the answers.
 #
 # A record (one JSONL line): id, image (path relative to the JSONL), question, answer, choices

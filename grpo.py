@@ -449,8 +449,8 @@ SFT_FROM_BASE = ["--model", "runs/base", "--steps", "300", "--lr", "3e-4", "--wa
 
 def staircase(root="runs", n_distill=12000, k=2, seed=0, test_n=2000):
     """The paper's loop on the embedded world, each stage evaluated greedily on the held-out test
-    (its first test_n problems: 2000, so one standard error is ~1 point; eval.py's default 400 are
-    the first of them). Base: the tiny VLM learns the world from scratch on full traces of easy
+    (its first test_n problems: 2000, as eval.py's default, so one standard error is ~1 point;
+    sft.py's and grpo.py's own checks take the first 400). Base: the tiny VLM learns the world from scratch on full traces of easy
     problems (sft.py with no flags; it stands in for Qwen2.5-VL-Instruct, which the real recipe
     downloads). SFT1 fine-tunes the base on the first SFT set, whose traces jump to the value
     without the work 70% of the time (--jump 0.7; the paper's first set is distilled from a text
