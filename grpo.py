@@ -450,9 +450,9 @@ SFT_FROM_BASE = ["--model", "runs/base", "--steps", "300", "--lr", "3e-4", "--wa
 def staircase(root="runs", n_distill=12000, k=2, seed=0, test_n=2000):
     """The paper's loop on the embedded world, each stage evaluated greedily on the held-out test
     (its first test_n problems: 2000, as eval.py's default, so one standard error is ~1 point;
-    sft.py's and grpo.py's own checks take the first 400). Base: the tiny VLM learns the world from scratch on full traces of easy
-    problems (sft.py with no flags; it stands in for Qwen2.5-VL-Instruct, which the real recipe
-    downloads). SFT1 fine-tunes the base on the first SFT set, whose traces jump to the value
+    sft.py's and grpo.py's own checks take the first 400). Base: the tiny VLM learns the world
+    from scratch on full traces of easy problems (sft.py with no flags; it stands in for
+    Qwen2.5-VL-Instruct, which the real recipe downloads). SFT1 fine-tunes the base on the first SFT set, whose traces jump to the value
     without the work 70% of the time (--jump 0.7; the paper's first set is distilled from a text
     model's traces). GRPO1 on problems of the SFT level (easy), GRPO2 on easy and hard ones
     (--level mix): the paper's GRPO sets get harder from one iteration to the next (its released
@@ -471,6 +471,9 @@ def staircase(root="runs", n_distill=12000, k=2, seed=0, test_n=2000):
     sft_run = lambda args: sft.train(sft.parser().parse_args(args + ["--eval-n", "0"]))
     sd = ["--seed", str(seed)] if seed else []
     q = lambda args: "".join(" " + x for x in args)  # the flags as the table shows them
+    # a stage: (the command the table shows, the call that runs those same flags)
+    sft_stage = lambda args: (f"python sft.py{q(args)}", lambda: sft_run(args))
+    grpo_stage = lambda args: (f"python grpo.py{q(args)}", lambda: main(args + ["--eval-every", "0"]))
 
     def sft2():  # the GRPO1 model writes the next SFT set; SFT from the base on it
         if not os.path.exists(d("distill", "data.jsonl")):
@@ -482,18 +485,15 @@ def staircase(root="runs", n_distill=12000, k=2, seed=0, test_n=2000):
         sft_run(from_base + ["--data", d("sft2.jsonl"), "--out", d("sft2")])
 
     stages = [
-        ("base", d("base"), f"python sft.py{q(sd)} --out {d('base')}", lambda: sft_run(sd + ["--out", d("base")])),
-        ("SFT1", d("sft1"), f"python sft.py{q(from_base)} --jump 0.7 --out {d('sft1')}",
-         lambda: sft_run(from_base + ["--jump", "0.7", "--out", d("sft1")])),
-        ("GRPO1", d("grpo1"), f"python grpo.py --model {d('sft1')} --level easy --out {d('grpo1')}{q(sd)}",
-         lambda: main(["--model", d("sft1"), "--level", "easy", "--out", d("grpo1"), "--eval-every", "0"] + sd)),
+        ("base", d("base"), *sft_stage(sd + ["--out", d("base")])),
+        ("SFT1", d("sft1"), *sft_stage(from_base + ["--jump", "0.7", "--out", d("sft1")])),
+        ("GRPO1", d("grpo1"), *grpo_stage(["--model", d("sft1"), "--level", "easy", "--out", d("grpo1")] + sd)),
         ("SFT2", d("sft2"), f"python data.py synth --out {d('distill')} --n {n_distill} --level mix --seed 2\n"
          f"python sample.py --task distill --model {d('grpo1')} --data {d('distill', 'data.jsonl')} "
          f"--out {d('distill', 'samples.jsonl')} --n {k} --max-new-tokens {max_new} --batch-size 64{q(sd)}\n"
          f"python data.py traces --data {d('distill', 'samples.jsonl')} --out {d('sft2.jsonl')}\n"
          f"python sft.py{q(from_base)} --data {d('sft2.jsonl')} --out {d('sft2')}", sft2),
-        ("GRPO2", d("grpo2"), f"python grpo.py --model {d('sft2')} --level mix --out {d('grpo2')}{q(sd)}",
-         lambda: main(["--model", d("sft2"), "--level", "mix", "--out", d("grpo2"), "--eval-every", "0"] + sd)),
+        ("GRPO2", d("grpo2"), *grpo_stage(["--model", d("sft2"), "--level", "mix", "--out", d("grpo2")] + sd)),
     ]
     test = data.synth_test_records(test_n)
     table_path, rows = d("staircase.json"), {}
