@@ -1,19 +1,26 @@
 """
-From records to tensors: everything between a (question, image, answer) record and the batch
-the model eats.
+Data for the whole pipeline, in two parts.
 
-- images: load, smart-resize to multiples of 28, bicubic, rescale, CLIP-normalize, patchify in
-  Qwen2-VL's order -> pixel_values (n_patches, 3*2*14*14) and image_grid_thw (t, h, w). Written
-  by hand; equal (to 1e-5) to transformers' Qwen2VLImageProcessorPil.
-- prompts: the Qwen2.5-VL chat format, each <|image_pad|> expanded to one token per merged
-  28x28 patch.
-- token ids and loss masks for SFT: labels = -100 except the assistant reply and its <|im_end|>.
-- batching: right or left padding, attention masks from lengths (the pad id may equal EOS).
-- a tiny byte-level BPE tokenizer (one token per word of the synthetic world) with Qwen's special
-  tokens and chat template, saved in the same layout as a real checkpoint so one loading path
-  (AutoTokenizer) serves both.
-- the first SFT set's filters: R1 traces (sample.py --task reason) -> the shortest correct trace
-  per record, over-long ones dropped, rambling reflections cut (`python data.py traces`).
+From records to tensors: everything between a (question, images, answer) record and the batch the
+model eats. Images are smart-resized to multiples of 28, bicubic, rescaled, CLIP-normalized and
+patchified in Qwen2-VL's order, written by hand: pixel_values equal (to 1e-5) those of
+transformers' Qwen2VLImageProcessorPil. Prompts follow the Qwen2.5-VL chat format, each
+<|image_pad|> expanded to one token per merged 28x28 patch; SFT labels are -100 except the reply
+and its <|im_end|>; batches are right or left padded, attention masks from lengths. Readers turn
+our JSONL, MathVista, MathVerse, MathVision and ShareGPT files into one record form. The first SFT
+set's filters turn R1 traces (sample.py --task reason) into the shortest correct trace per record,
+over-long ones dropped, rambling reflections cut:
+
+    python data.py traces --data reason.jsonl --out sft1.jsonl
+
+The synthetic world: the embedded default dataset, four families of small visual problems drawn
+with PIL, each with a short reasoning trace in the paper's shape; the tiny byte-level BPE tokenizer
+(one token per word of the world, Qwen's special tokens and chat template) and the tiny
+Qwen2.5-VL-shaped model, both saved in the layout of a real checkpoint so one loading path serves
+both. By default sft.py, grpo.py and eval.py draw the world in memory; to write it to disk:
+
+    python data.py synth --out data/train --n 1000 --level easy
+    python data.py synth --out data/test --test
 """
 
 import argparse
@@ -62,38 +69,7 @@ SPECIAL_TOKENS = [
 ]
 REASONING_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]  # normal added tokens
 IMAGE_PAD = "<|image_pad|>"
-# the tiny tokenizer's words: the chat template's and the synthetic world's (a word outside the
-# list still encodes, byte by byte); build_tiny_tokenizer makes each of them one token
-TINY_WORDS = (
-    "You are helpful assistant system user "  # the default system prompt and the roles
-    "How many What Which is the of in The shapes colour value bar column area perimeter Choices "
-    "red green blue yellow circle circles square squares triangle triangles rectangle legs "
-    "count sum max min largest tallest shortest vs yes no so"
-).split()
 
-# Qwen2.5-VL's chat template (as in its chat_template.json): default system prompt, image and
-# video parts as <|vision_start|><|X_pad|><|vision_end|>, optional "Picture k: " ids.
-CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n" + DEFAULT_SYSTEM
-    + "<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}"
-    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}<|im_end|>\n{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 # -----------------------------------------------------------------------------
 # images
@@ -169,68 +145,7 @@ def process_images(images, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
     return torch.cat([pv for pv, _ in outs]), torch.stack([g for _, g in outs])
 
 # -----------------------------------------------------------------------------
-# tokenizer
-
-
-def learn_merges(words):
-    """BPE training on a word list, each word counted once: merge the most frequent adjacent pair
-    (ties: the first in sorted order) until every word is one token. -> merges in rank order.
-    Encoding then replays them, so each listed word (and only such chains) becomes one token."""
-    seqs = [list(w) for w in words]
-    merges = []
-    while True:
-        pairs = collections.Counter(p for s in seqs for p in zip(s, s[1:]))
-        if not pairs:
-            return merges
-        best = min(pairs, key=lambda p: (-pairs[p], p))
-        merges.append(best)
-        for s in seqs:
-            i = 0
-            while i < len(s) - 1:
-                if (s[i], s[i + 1]) == best:
-                    s[i:i + 2] = [s[i] + s[i + 1]]
-                i += 1
-
-
-def build_tiny_tokenizer():
-    """Byte-level BPE: 256 byte tokens (id == byte value), Qwen's 14 special tokens (ids
-    256..269), <think> </think> <answer> </answer> (270..273) as normal added tokens, then the
-    merged tokens (274..) that make each of TINY_WORDS one token, bare and after a space; Qwen's
-    chat template. Digits are never merged: numbers are read and written digit by digit, as
-    Qwen's tokenizer does. One token per word halves the demo's sequences (~180 -> ~85 tokens)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}  # token id == byte value
-    vocab.update({t: 256 + i for i, t in enumerate(SPECIAL_TOKENS + REASONING_TOKENS)})
-    space = _bytes_to_unicode()[ord(" ")]  # "Ġ": how byte-level BPE spells a leading space
-    merges = learn_merges(sorted({w for word in TINY_WORDS for w in (word, space + word)}))
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    tok.pre_tokenizer = byte_level
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in REASONING_TOKENS])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False, model_max_length=32768,
-    )
-
-
-def _bytes_to_unicode():
-    """GPT-2's byte -> printable character table, the alphabet of byte-level BPE."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
-    others = [b for b in range(256) if b not in keep]
-    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(others)}}
-
-
-def save_tiny_tokenizer(path):
-    """Write the tiny tokenizer to a directory, in the layout of a real checkpoint."""
-    tok = build_tiny_tokenizer()
-    tok.save_pretrained(path)
-    return tok
+# tokenizer: a checkpoint directory's (tiny or real) and the ids a model config needs
 
 
 def load_tokenizer(path):
@@ -466,7 +381,7 @@ def _in_order(letters, texts):
 
 
 def read_ours(row, base_dir):
-    """Our JSONL (synth_world.py writes it): id, image or images, question, answer, choices?,
+    """Our JSONL (`python data.py synth` writes it): id, image or images, question, answer, choices?,
     solution?; any other key goes to meta (a `meta` dict is merged in, so records round-trip
     through write_jsonl; an old `source` is kept as meta["origin"])."""
     images = _str_list(row, "images", optional=True)
@@ -702,76 +617,224 @@ def format_question(record, suffix=None):
     return text + "\n" + suffix if suffix else text
 
 # -----------------------------------------------------------------------------
-# the synthetic visual-reasoning world (the embedded default; `python data.py synth ...`)
+# R1 traces -> SFT records: the paper's filters for the first SFT set (`python data.py traces`)
 #
-# The synthetic visual-reasoning world: the embedded default dataset, drawn with PIL, no downloads.
+# sample.py --task reason writes each record back with `traces`: k completions of a text-only
+# R1 model, shaped like
+#     <think> reasoning ... so the answer is 42. Wait, let me check ... </think> summary \boxed{42}
+# A trace is dropped, in this order, when it ran out of budget (unfinished); has no </think>
+# (no_think) or no final answer (no_answer: reward.extract_answer finds <answer>, else \boxed,
+# else "the answer is"); has more than max_words words (too_long, counted on the raw completion:
+# the paper drops long traces, then cuts); or its answer is wrong (wrong: reward.accuracy_reward
+# on the rewritten trace). Rambling self-reflections are cut: the reasoning ends at the first
+# marker ("Wait,", "But wait,", "But the question") that comes after the final answer first shows
+# up in it, so what is kept reached the answer, and the answer itself (after </think>) stays.
+# A marker before the answer is kept: that reflection may be what found it. Of a record's correct
+# traces the shortest (in words) is kept (the rest: not_shortest), rewritten in our form
+#     <think>reasoning</think> summary <answer>42</answer>
+# with the summary the text after </think>, \boxed{} unwrapped.
+
+MAX_TRACE_WORDS = 500
+REFLECTION_MARKERS = ("Wait,", "But wait,", "But the question")
+DROP_REASONS = ("unfinished", "no_think", "no_answer", "too_long", "wrong", "not_shortest")
+
+
+def n_words(text):
+    """Words in a trace, its tags not counted."""
+    return len(re.sub(r"</?(?:think|answer)>", " ", text).split())
+
+
+def split_think(text):
+    """An R1 completion -> (reasoning, the text after the last </think>), both stripped, or None
+    when there is no </think>. The opening <think> is optional (R1-Distill's prompt opens it)."""
+    end = text.rfind("</think>")
+    if end < 0:
+        return None
+    think = text[:end]
+    start = think.find("<think>")
+    if start >= 0:
+        think = think[start + len("<think>"):]
+    return think.strip(), text[end + len("</think>"):].strip()
+
+
+def unbox(text, keep=True):
+    """'so \\boxed{\\frac{1}{2}}.' -> 'so \\frac{1}{2}.' (nested braces kept; keep=False drops the
+    content too); an unclosed \\boxed{ is left as it is."""
+    out, i = [], 0
+    while (j := text.find("\\boxed{", i)) >= 0:
+        k, depth = j + len("\\boxed{"), 1
+        while k < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[k], 0)
+            k += 1
+        if depth:
+            break
+        out += [text[i:j], text[j + len("\\boxed{"):k - 1] if keep else ""]
+        i = k
+    return "".join(out) + text[i:]
+
+
+def summary_text(rest):
+    """The text after </think> as a summary: a line that is only a boxed answer ('$\\boxed{6}$',
+    with the display-math lines around it) or a '**Final Answer**' heading is dropped (the answer
+    goes in <answer>), other \\boxed{} unwrapped, blank runs squeezed."""
+    lines, close = [], None  # close: the delimiter line to drop after a dropped boxed line
+    rest = re.sub(r"</?answer>", "", re.sub(r"<answer>.*?</answer>", "", rest, flags=re.S))
+    for line in rest.split("\n"):
+        d = line.strip()
+        if close is not None:
+            close, skip = None, d == close
+            if skip:
+                continue
+        if "\\boxed{" in line and not re.sub(r"[\s$.\\()\[\]]", "", unbox(line, keep=False)):
+            last = lines[-1].strip() if lines else ""
+            if last == "\\[" or last == "$$" and sum(l.strip() == "$$" for l in lines) % 2:  # an opener
+                close = {"$$": "$$", "\\[": "\\]"}[lines.pop().strip()]
+            continue
+        if re.fullmatch(r"\W*final answer\W*", line, re.IGNORECASE):
+            continue
+        lines.append(unbox(line))
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def answer_forms(pred, record):
+    """The strings that name the final answer in a trace: the prediction, the ground truth and,
+    for multiple choice, the truth's letter and option text."""
+    forms = {pred, record["answer"]}
+    choices = record.get("choices") or []
+    a = record["answer"].strip()
+    if len(a) == 1 and a in LETTERS[:len(choices)]:
+        forms.add(choices[LETTERS.index(a)])
+    elif a in choices:
+        forms.add(LETTERS[choices.index(a)])
+    return {f.strip() for f in forms if f and f.strip()}
+
+
+def answer_mention(text, forms):
+    """End of the first whole-word mention of any form in text (case-insensitive), or None. A
+    one-letter option counts only as '(B)' or after option/choice/answer, not as any capital B."""
+    ends = []
+    for f in forms:
+        if len(f) == 1 and f.isalpha():
+            pat = rf"\({f}\)|\b(?:option|choice|answer(?:\s+is)?)\s*:?\s*\(?{f}\b"
+        else:  # not inside a longer number or word: 12 is not in 120 or 1.25
+            pat = rf"(?<![\w.]){re.escape(f)}(?!\w|\.\d)"
+        m = re.search(pat, text, re.IGNORECASE)
+        if m:
+            ends.append(m.end())
+    return min(ends) if ends else None
+
+
+def cut_reflections(think, forms, markers=REFLECTION_MARKERS):
+    """-> (reasoning cut at the first marker after the answer's first mention, cut or not)."""
+    at = answer_mention(think, forms)
+    hits = [i for i in (think.find(m, at) for m in markers if m) if i >= 0] if at is not None else []
+    if not hits:
+        return think, False
+    return think[:min(hits)].rstrip(), True
+
+
+def filter_traces(record, traces, max_words=MAX_TRACE_WORDS, markers=REFLECTION_MARKERS):
+    """One record's R1 traces -> (the SFT solution or None, whether its reflections were cut,
+    {reason: count} over the traces: the DROP_REASONS and "kept")."""
+    import reward  # below this file in reading order, but pure standard library
+    counts, good = dict.fromkeys(DROP_REASONS + ("kept",), 0), []
+    for j, t in enumerate(traces):
+        parts = split_think(t["text"])
+        pred = reward.extract_answer(parts[1]) if parts else None
+        if not t.get("finished", True):
+            why = "unfinished"
+        elif parts is None:
+            why = "no_think"
+        elif not pred:
+            why = "no_answer"
+        elif n_words(t["text"]) > max_words:
+            why = "too_long"
+        else:
+            think, cut = cut_reflections(parts[0], answer_forms(pred, record), markers)
+            summary = summary_text(parts[1])
+            solution = f"<think>{think}</think> " + (summary + " " if summary else "") + f"<answer>{pred}</answer>"
+            if reward.accuracy_reward(solution, record["answer"], record.get("choices")) == 1.0:
+                good.append((n_words(solution), j, solution, cut))
+                continue
+            why = "wrong"
+        counts[why] += 1
+    if not good:
+        return None, False, counts
+    _, _, solution, cut = min(good)  # fewest words; the earlier sample on a tie
+    counts["kept"], counts["not_shortest"] = 1, len(good) - 1
+    return solution, cut, counts
+
+
+def traces_to_sft(records, max_words=MAX_TRACE_WORDS, markers=REFLECTION_MARKERS):
+    """Records carrying meta["traces"] (load_records of the reason step's output) -> (SFT rows of
+    our form, solution = the kept trace, images as they were; {reason: count} over all traces,
+    plus "records", "records_kept", "cut")."""
+    rows, counts = [], dict.fromkeys(DROP_REASONS + ("kept", "records", "records_kept", "cut"), 0)
+    for rec in records:
+        traces = rec["meta"].get("traces")
+        if not isinstance(traces, list) or not all(isinstance(t, dict) and isinstance(t.get("text"), str)
+                                                   for t in traces):
+            raise ValueError(f"{rec['source']}: key 'traces' must be a list of {{text, ...}} "
+                             f"(the output of sample.py --task reason)")
+        solution, cut, c = filter_traces(rec, traces, max_words, markers)
+        for k, v in c.items():
+            counts[k] += v
+        counts["records"] += 1
+        if solution is None:
+            continue
+        counts["records_kept"] += 1
+        counts["cut"] += cut
+        meta = {k: v for k, v in rec["meta"].items() if k != "traces"}
+        rows.append(record_row({**rec, "meta": meta}, solution=solution, reflection_cut=cut))
+    return rows, counts
+
+
+def traces_main(argv=None):
+    ap = argparse.ArgumentParser(prog="traces", description="filter R1 traces (sample.py --task "
+                                 "reason) into SFT records: shortest correct trace per record")
+    ap.add_argument("--data", required=True, help="the reason step's JSONL (records with `traces`)")
+    ap.add_argument("--out", required=True, help="SFT JSONL to write (our record form; solution = "
+                    "<think>...</think> summary <answer>X</answer>; images as in --data)")
+    ap.add_argument("--max-words", type=int, default=MAX_TRACE_WORDS,
+                    help="drop traces with more words than this (the raw completion)")
+    ap.add_argument("--markers", default="|".join(REFLECTION_MARKERS), help="'|'-separated "
+                    "reflection markers: the reasoning is cut at the first one after the answer "
+                    "appears ('' = no cutting)")
+    args = ap.parse_args(argv)
+    records, _ = load_records(args.data)
+    rows, c = traces_to_sft(records, args.max_words, tuple(m for m in args.markers.split("|") if m))
+    write_jsonl(args.out, rows)
+    n = sum(c[k] for k in DROP_REASONS + ("kept",))
+    print(f"traces: {n} read, {c['kept']} kept; dropped: "
+          + ", ".join(f"{k} {c[k]}" for k in DROP_REASONS))
+    print(f"records: {c['records']} read, {c['records_kept']} with a kept trace -> {args.out} "
+          f"({c['records'] - c['records_kept']} without); reflections cut in {c['cut']}")
+    return c
+
+
+# =============================================================================
+# The synthetic world: the embedded default dataset, drawn with PIL, no downloads
 #
-# Four families mimic the paper's sources at toy scale: `count` (shapes by colour / kind, like
-# CLEVR), `bars` (bar charts, like FigureQA), `table` (small tables whose columns are summed or
-# compared, like TabMWP) and `geometry` (labelled rectangles / right triangles, like Geometry3K).
-# Every problem is a plain JSON-able `scene`, a 112x112 RGB image drawn from it, a short question,
-# an answer that `answer_from_scene` recomputes from the scene alone, and a reasoning trace in the
-# paper's shape:
+# Four families mimic the paper's sources at toy scale: count (shapes by colour or kind, like
+# CLEVR), bars (bar charts, like FigureQA), table (columns of tallies summed or compared, like
+# TabMWP), geometry (labelled rectangles and right triangles, like Geometry3K). A problem is a
+# JSON-able scene, an image drawn from it, a question, the answer answer_from_scene recomputes from
+# the scene alone, and a reasoning trace in the paper's shape:
 #
 #     <think>red 2 green 1 blue 3. red is 2.</think> The red count is 2. <answer>2</answer>
 #
 # Why traces: a tiny model cannot map pixels to "2" in one jump, but it can read off what it sees
-# (one easy step per object or cell) and then compute (one easy step per operation). The trace
-# turns one hard step into several easy ones. Traces are short (40-170 chars, 25-81 tokens: the
-# demo's tokenizer has one token per word and one per digit) and regular. Levels: `easy` (few
-# objects, short listings) for SFT, `hard` (more objects, longer listings in the same grammar) for
-# GRPO; see LEVELS. The demo's staircase runs GRPO1 on easy problems and GRPO2 on easy and hard
-# ones, as the paper's GRPO sets get harder; the second iteration's room is the hard level's one
-# more bar and one more row, which no SFT set shows (README, staircase).
-#
-# What a 0.85M-parameter model learns in a few CPU minutes shaped the grammar (each measured with
-# one SFT run of the demo, test accuracy of the family before -> after):
-# - things are found by what they look like, never by position: bars are listed by colour in a
-#   fixed order like counting (listed left to right, the model named the wrong colour for half the
-#   bars; bars 25% -> 43-80% in four runs), and a table column is named by its cells' colour;
-# - every step is a local one: "which is the tallest" keeps a running best, one comparison per bar
-#   ("green 4 vs 1 green 4"), and a multiple-choice geometry answer checks the options in order
-#   against the value ("A 10 vs 14 no. B 14 vs 14 yes.") instead of recalling which letter held
-#   "14" (the model computed the right value 91% of the time and then picked a letter at chance;
-#   geometry 61% -> 85-92% in two runs; in three others, 61-66%, it copied the value in place of
-#   option A, an error 200 GRPO rollouts did not fix);
-# - table entries are tallies (1-4 squares, one per 14x14 patch of the cell's token), not digits:
-#   the tiny vision tower never learned to read digit glyphs in the budget (a glyph inside one
-#   patch: 10% per digit, chance 11%; large digits, black or coloured: tables at 9-13%).
-#   Geometry labels are digits too, but the shapes are drawn to scale, most likely what it reads
-#   (not tested).
-# - a word the trace looks up is the same token as in the question: with one token per word,
-#   "<think>blue column: ..." began with the bare token "blue", which nothing else uses, while the
-#   question has " blue"; tables fell to 35-77% in four runs (some answers read another column
-#   entirely) and "<think>the blue column: ..." brought them back to 98%.
-#
-# Layout: every scene is laid out on the 4x4 grid of 28x28-pixel merged tokens (one shape, one
-# bar, one table cell, one geometry label per token): a tiny vision tower reads one thing per token.
-#
-# make_split(..., jump=f) gives a fraction f of the traces the habit of the demo's first SFT set:
-# read, then jump to the value without the work (jump_trace: '<think>the blue column: 3 1 2. so
-# 6.</think> ...'), as a distilled teacher's trace often states a result it never worked out. The
-# demo's base model learns the world from full traces (sft.py, no flags); SFT1 fine-tunes it on a
-# set where 70% of traces jump (sft.py --jump 0.7): it keeps the skills but takes the habit (greedy,
-# it jumped on 83% of the test problems, 22.5 points under its base); GRPO's reward finds that
-# working it out pays and turns it round (README, staircase). Two other ways to leave GRPO room
-# were measured and dropped: traces that skip the reading too (the summary alone; direct answers
-# are nearly as accurate as reading for bars and counting), and jumps mixed in from scratch (the
-# work is then seen in 30% of rows and never learned well, so there is nothing better for GRPO to
-# turn to). The test and the GRPO prompts
-# only use the answers.
-#
-# A record (one JSONL line): id, image (path relative to the JSONL), question, answer, choices
-# (multiple-choice geometry only: then `answer` is a letter A-D and the prompt builder must show the
-# options, which are not in `question`), solution (the trace), family, level, kind (the question
-# kind that `answer_from_scene` takes, e.g. "color=red", "tallest", "col_sum=2", "area") and scene.
-#
-# Labels are drawn with a hand-made 3x5 pixel digit font scaled 4x (12x20 pixels), so it needs no
-# font file. Determinism: problem i of a split uses random.Random(
-# f"{split}:{seed}:{i}") (string seeds are hashed with SHA-512, independent of PYTHONHASHSEED), so
-# the train streams ("train:0:i", "train:1:i", ...) and the test stream ("test:1234:i") never
-# share a generator, and record i does not depend on n. PNGs are written with no metadata: the same
-# seed gives byte-identical files with the same Pillow build (the pixels are identical anywhere).
+# (one easy step per object or cell), then compute (one easy step per operation). The grammar:
+# - things are found by how they look, never by position (bars by colour, a column by its colour);
+# - each step is local: tallest/shortest keep a running best, options are checked one by one;
+# - table cells are tallies (1-4 squares, one per 14x14 patch), not digits;
+# - a word the trace looks up is the same token as in the question ("the blue column", " blue").
+# Layout: every scene lies on the 4x4 grid of 28x28-pixel merged tokens, one thing per token.
+# Levels: easy (few objects, short listings) for SFT; hard (more of them, same grammar) for GRPO.
+# make_split(..., jump=f): a fraction f of traces read, then jump to the value (jump_trace).
+# Determinism: problem i of a split uses random.Random(f"{split}:{seed}:{i}") (a string seed is
+# hashed with SHA-512, whatever PYTHONHASHSEED), so no two splits share a generator and record i
+# does not depend on n.
 
 
 FAMILIES = ("count", "bars", "table", "geometry")
@@ -779,20 +842,20 @@ TEST_SEED = 1234           # the fixed held-out test split every demo reports on
 IMAGE_SIZE = 112           # 4x4 merged tokens of 28x28 pixels; scenes are laid out on that grid
 BASE = 112                 # scenes are drawn at BASE and resized (NEAREST) to image_size
 COLORS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (40, 70, 220), "yellow": (230, 190, 0)}
-COUNT_COLORS = ("red", "green", "blue")  # counting uses three colours (DESIGN.md 6 measured this)
+COUNT_COLORS = ("red", "green", "blue")  # counting uses three colours
 KINDS = ("circle", "square", "triangle")
 WHITE, BLACK, GRID, FILL = (255, 255, 255), (0, 0, 0), (190, 190, 190), (170, 210, 240)
 LEVELS = {  # what makes a level hard: more objects and longer listings, in the same trace grammar
-    # Hard stays within reach of the easy-trained model's own samples (as in DESIGN.md 6): the
-    # same listing steps, only more of them, and the same numbers (bars 1-6, table tallies 1-4).
-    # Easy already mixes listing lengths (2-3 bars; 2x2, 2x3 and 3x2 tables), so the model learns
+    # Hard stays within reach of the easy-trained model's own samples: the same listing steps,
+    # only more of them, and the same numbers (bars 1-6, table tallies 1-4). Easy already mixes
+    # listing lengths (2-3 bars; 2x2, 2x3 and 3x2 tables), so the model learns
     # "list what is there" rather than "list three"; hard asks for one more: 4 bars, columns of 4
     # tallies (the fourth bar and the fourth row are what GRPO learns from the model's own samples).
     "easy": dict(count_n=(2, 5), bars_n=(2, 3), bars_max=6, table_shapes=((2, 2), (2, 3), (3, 2)), side=(1, 5)),
     "hard": dict(count_n=(6, 10), bars_n=(4, 4), bars_max=6, table_shapes=((4, 2), (4, 3)), side=(2, 6)),
 }
 GEO_MC = 0.5               # probability that a geometry problem is multiple choice
-DIGITS = {  # 3x5 pixel font, rows top to bottom
+DIGITS = {  # a hand-made 3x5 pixel font (no font file needed), rows top to bottom
     "0": ("111", "101", "101", "101", "111"), "1": ("010", "110", "010", "010", "111"),
     "2": ("111", "001", "111", "100", "111"), "3": ("111", "001", "111", "001", "111"),
     "4": ("101", "101", "111", "001", "001"), "5": ("111", "100", "111", "001", "111"),
@@ -1116,7 +1179,7 @@ def make_split(n, level, seed, families=None, split="train", image_size=IMAGE_SI
     """n problems in memory. Families go round-robin; level 'mix' alternates easy/hard per round,
     so every family gets both levels. Problem i uses random.Random(f'{split}:{seed}:{i}').
     jump: the fraction of problems whose trace skips the work (jump_trace), the habit of the
-    demo's first SFT set (see the notes above FAMILIES); drawn from its own stream, so the
+    demo's first SFT set (see the note at the world's banner); drawn from its own stream, so the
     problems themselves do not change."""
     families = list(families or FAMILIES)
     probs = []
@@ -1135,7 +1198,12 @@ def make_split(n, level, seed, families=None, split="train", image_size=IMAGE_SI
 
 
 def write_split(out_dir, n, level, seed, families=None, image_size=IMAGE_SIZE, split="train"):
-    """Write out_dir/images/{id}.png and out_dir/data.jsonl; return the records."""
+    """Write out_dir/images/{id}.png and out_dir/data.jsonl; return the records. A record (one
+    line): id, image (path relative to the JSONL), question, answer, choices (multiple-choice
+    geometry only: `answer` is then a letter A-D and the options are not in `question`), solution
+    (the trace), family, level, kind (what answer_from_scene takes: "color=red", "tallest",
+    "col_sum=2", "area") and scene. PNGs carry no metadata: the same seed gives byte-identical
+    files with the same Pillow build (the pixels are identical anywhere)."""
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     records = []
     for p in make_split(n, level, seed, families, split, image_size):
@@ -1167,20 +1235,16 @@ def synth_main(argv=None):
     ap.add_argument("--level", default="easy", choices=["easy", "hard", "mix"], help="difficulty level")
     ap.add_argument("--seed", type=int, default=0, help="seed of the train stream")
     ap.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="image side in pixels")
-    ap.add_argument("--families", default=",".join(FAMILIES), help="comma-separated families to use")
     ap.add_argument("--test", action="store_true", help="write the fixed held-out test split instead "
                     f"(seed {TEST_SEED}, level mix; ignores --level and --seed)")
     args = ap.parse_args(argv)
-    families = [f for f in args.families.split(",") if f]
-    bad = [f for f in families if f not in FAMILIES]
-    if bad:
-        ap.error(f"unknown families {bad}; choose from {list(FAMILIES)}")
     t0 = time.time()
     if args.test:
-        recs = write_split(args.out, args.n, "mix", TEST_SEED, families, args.image_size, split="test")
+        recs = write_split(args.out, args.n, "mix", TEST_SEED, None, args.image_size, split="test")
     else:
-        recs = write_split(args.out, args.n, args.level, args.seed, families, args.image_size)
+        recs = write_split(args.out, args.n, args.level, args.seed, None, args.image_size)
     print(f"wrote {len(recs)} problems to {args.out}/data.jsonl in {time.time() - t0:.1f}s")
+
 
 def synth_records(n, level, seed, split="train", families=None, image_size=IMAGE_SIZE, jump=0.0):
     """The same problems as write_split, in memory, in the record form the readers return (the
@@ -1198,6 +1262,104 @@ def synth_test_records(n=2000):
     """The fixed held-out test split every demo reports on (easy and hard mixed; its first n
     problems: the staircase and eval.py take 2000, sft.py and grpo.py's checks 400)."""
     return synth_records(n, "mix", TEST_SEED, split="test")
+
+
+# -----------------------------------------------------------------------------
+# the tiny tokenizer: byte-level BPE with one token per word of the world
+
+# the tiny tokenizer's words: the chat template's and the synthetic world's (a word outside the
+# list still encodes, byte by byte); build_tiny_tokenizer makes each of them one token
+TINY_WORDS = (
+    "You are helpful assistant system user "  # the default system prompt and the roles
+    "How many What Which is the of in The shapes colour value bar column area perimeter Choices "
+    "red green blue yellow circle circles square squares triangle triangles rectangle legs "
+    "count sum max min largest tallest shortest vs yes no so"
+).split()
+
+# Qwen2.5-VL's chat template (as in its chat_template.json): default system prompt, image and
+# video parts as <|vision_start|><|X_pad|><|vision_end|>, optional "Picture k: " ids.
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n" + DEFAULT_SYSTEM
+    + "<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def learn_merges(words):
+    """BPE training on a word list, each word counted once: merge the most frequent adjacent pair
+    (ties: the first in sorted order) until every word is one token. -> merges in rank order.
+    Encoding then replays them, so each listed word (and only such chains) becomes one token."""
+    seqs = [list(w) for w in words]
+    merges = []
+    while True:
+        pairs = collections.Counter(p for s in seqs for p in zip(s, s[1:]))
+        if not pairs:
+            return merges
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        for s in seqs:
+            i = 0
+            while i < len(s) - 1:
+                if (s[i], s[i + 1]) == best:
+                    s[i:i + 2] = [s[i] + s[i + 1]]
+                i += 1
+
+
+def build_tiny_tokenizer():
+    """Byte-level BPE: 256 byte tokens (id == byte value), Qwen's 14 special tokens (ids
+    256..269), <think> </think> <answer> </answer> (270..273) as normal added tokens, then the
+    merged tokens (274..) that make each of TINY_WORDS one token, bare and after a space; Qwen's
+    chat template. Digits are never merged: numbers are read and written digit by digit, as
+    Qwen's tokenizer does. One token per word halves the demo's sequences (~180 -> ~85 tokens)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}  # token id == byte value
+    vocab.update({t: 256 + i for i, t in enumerate(SPECIAL_TOKENS + REASONING_TOKENS)})
+    space = _bytes_to_unicode()[ord(" ")]  # "Ġ": how byte-level BPE spells a leading space
+    merges = learn_merges(sorted({w for word in TINY_WORDS for w in (word, space + word)}))
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = byte_level
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in REASONING_TOKENS])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False, model_max_length=32768,
+    )
+
+
+def _bytes_to_unicode():
+    """GPT-2's byte -> printable character table, the alphabet of byte-level BPE."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    others = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def save_tiny_tokenizer(path):
+    """Write the tiny tokenizer to a directory, in the layout of a real checkpoint."""
+    tok = build_tiny_tokenizer()
+    tok.save_pretrained(path)
+    return tok
 
 
 # -----------------------------------------------------------------------------
@@ -1252,201 +1414,6 @@ def make_tiny_text_checkpoint(path, seed=0, **overrides):
     m = M.Qwen2_5_VL(cfg).init_weights(seed=seed)
     M.save_model(m, path)
     return m, tok
-
-# -----------------------------------------------------------------------------
-# R1 traces -> SFT records: the paper's filters for the first SFT set (`python data.py traces`)
-#
-# sample.py --task reason writes each record back with `traces`: k completions of a text-only
-# R1 model, shaped like
-#     <think> reasoning ... so the answer is 42. Wait, let me check ... </think> summary \boxed{42}
-# A trace is dropped, in this order, when it ran out of budget (unfinished); has no </think>
-# (no_think) or no final answer (no_answer: reward.extract_answer finds <answer>, else \boxed,
-# else "the answer is"); has more than max_words words (too_long, counted on the raw completion:
-# the paper drops long traces, then cuts); or its answer is wrong (wrong: reward.accuracy_reward
-# on the rewritten trace). Rambling self-reflections are cut: the reasoning ends at the first
-# marker ("Wait,", "But wait,", "But the question") that comes after the final answer first shows
-# up in it, so what is kept reached the answer, and the answer itself (after </think>) stays.
-# A marker before the answer is kept: that reflection may be what found it. Of a record's correct
-# traces the shortest (in words) is kept (the rest: not_shortest), rewritten in our form
-#     <think>reasoning</think> summary <answer>42</answer>
-# with the summary the text after </think>, \boxed{} unwrapped.
-
-MAX_TRACE_WORDS = 500
-REFLECTION_MARKERS = ("Wait,", "But wait,", "But the question")
-DROP_REASONS = ("unfinished", "no_think", "no_answer", "too_long", "wrong", "not_shortest")
-
-
-def n_words(text):
-    """Words in a trace, its tags not counted."""
-    return len(re.sub(r"</?(?:think|answer)>", " ", text).split())
-
-
-def split_think(text):
-    """An R1 completion -> (reasoning, the text after the last </think>), both stripped, or None
-    when there is no </think>. The opening <think> is optional (R1-Distill's prompt opens it)."""
-    end = text.rfind("</think>")
-    if end < 0:
-        return None
-    think = text[:end]
-    start = think.find("<think>")
-    if start >= 0:
-        think = think[start + len("<think>"):]
-    return think.strip(), text[end + len("</think>"):].strip()
-
-
-def unbox(text, keep=True):
-    """'so \\boxed{\\frac{1}{2}}.' -> 'so \\frac{1}{2}.' (nested braces kept; keep=False drops the
-    content too); an unclosed \\boxed{ is left as it is."""
-    out, i = [], 0
-    while (j := text.find("\\boxed{", i)) >= 0:
-        k, depth = j + len("\\boxed{"), 1
-        while k < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[k], 0)
-            k += 1
-        if depth:
-            break
-        out += [text[i:j], text[j + len("\\boxed{"):k - 1] if keep else ""]
-        i = k
-    return "".join(out) + text[i:]
-
-
-def summary_text(rest):
-    """The text after </think> as a summary: a line that is only a boxed answer ('$\\boxed{6}$',
-    with the display-math lines around it) or a '**Final Answer**' heading is dropped (the answer
-    goes in <answer>), other \\boxed{} unwrapped, blank runs squeezed."""
-    lines, close = [], None  # close: the delimiter line to drop after a dropped boxed line
-    rest = re.sub(r"</?answer>", "", re.sub(r"<answer>.*?</answer>", "", rest, flags=re.S))
-    for line in rest.split("\n"):
-        d = line.strip()
-        if close is not None:
-            close, skip = None, d == close
-            if skip:
-                continue
-        if "\\boxed{" in line and not re.sub(r"[\s$.\\()\[\]]", "", unbox(line, keep=False)):
-            last = lines[-1].strip() if lines else ""
-            if last == "\\[" or last == "$$" and sum(l.strip() == "$$" for l in lines) % 2:  # an opener
-                close = {"$$": "$$", "\\[": "\\]"}[lines.pop().strip()]
-            continue
-        if re.fullmatch(r"\W*final answer\W*", line, re.IGNORECASE):
-            continue
-        lines.append(unbox(line))
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
-
-
-def answer_forms(pred, record):
-    """The strings that name the final answer in a trace: the prediction, the ground truth and,
-    for multiple choice, the truth's letter and option text."""
-    forms = {pred, record["answer"]}
-    choices = record.get("choices") or []
-    a = record["answer"].strip()
-    if len(a) == 1 and a in LETTERS[:len(choices)]:
-        forms.add(choices[LETTERS.index(a)])
-    elif a in choices:
-        forms.add(LETTERS[choices.index(a)])
-    return {f.strip() for f in forms if f and f.strip()}
-
-
-def answer_mention(text, forms):
-    """End of the first whole-word mention of any form in text (case-insensitive), or None. A
-    one-letter option counts only as '(B)' or after option/choice/answer, not as any capital B."""
-    ends = []
-    for f in forms:
-        if len(f) == 1 and f.isalpha():
-            pat = rf"\({f}\)|\b(?:option|choice|answer(?:\s+is)?)\s*:?\s*\(?{f}\b"
-        else:  # not inside a longer number or word: 12 is not in 120 or 1.25
-            pat = rf"(?<![\w.]){re.escape(f)}(?!\w|\.\d)"
-        m = re.search(pat, text, re.IGNORECASE)
-        if m:
-            ends.append(m.end())
-    return min(ends) if ends else None
-
-
-def cut_reflections(think, forms, markers=REFLECTION_MARKERS):
-    """-> (reasoning cut at the first marker after the answer's first mention, cut or not)."""
-    at = answer_mention(think, forms)
-    hits = [i for i in (think.find(m, at) for m in markers if m) if i >= 0] if at is not None else []
-    if not hits:
-        return think, False
-    return think[:min(hits)].rstrip(), True
-
-
-def filter_traces(record, traces, max_words=MAX_TRACE_WORDS, markers=REFLECTION_MARKERS):
-    """One record's R1 traces -> (the SFT solution or None, whether its reflections were cut,
-    {reason: count} over the traces: the DROP_REASONS and "kept")."""
-    import reward  # below this file in reading order, but pure standard library
-    counts, good = dict.fromkeys(DROP_REASONS + ("kept",), 0), []
-    for j, t in enumerate(traces):
-        parts = split_think(t["text"])
-        pred = reward.extract_answer(parts[1]) if parts else None
-        if not t.get("finished", True):
-            why = "unfinished"
-        elif parts is None:
-            why = "no_think"
-        elif not pred:
-            why = "no_answer"
-        elif n_words(t["text"]) > max_words:
-            why = "too_long"
-        else:
-            think, cut = cut_reflections(parts[0], answer_forms(pred, record), markers)
-            summary = summary_text(parts[1])
-            solution = f"<think>{think}</think> " + (summary + " " if summary else "") + f"<answer>{pred}</answer>"
-            if reward.accuracy_reward(solution, record["answer"], record.get("choices")) == 1.0:
-                good.append((n_words(solution), j, solution, cut))
-                continue
-            why = "wrong"
-        counts[why] += 1
-    if not good:
-        return None, False, counts
-    _, _, solution, cut = min(good)  # fewest words; the earlier sample on a tie
-    counts["kept"], counts["not_shortest"] = 1, len(good) - 1
-    return solution, cut, counts
-
-
-def traces_to_sft(records, max_words=MAX_TRACE_WORDS, markers=REFLECTION_MARKERS):
-    """Records carrying meta["traces"] (load_records of the reason step's output) -> (SFT rows of
-    our form, solution = the kept trace, images as they were; {reason: count} over all traces,
-    plus "records", "records_kept", "cut")."""
-    rows, counts = [], dict.fromkeys(DROP_REASONS + ("kept", "records", "records_kept", "cut"), 0)
-    for rec in records:
-        traces = rec["meta"].get("traces")
-        if not isinstance(traces, list) or not all(isinstance(t, dict) and isinstance(t.get("text"), str)
-                                                   for t in traces):
-            raise ValueError(f"{rec['source']}: key 'traces' must be a list of {{text, ...}} "
-                             f"(the output of sample.py --task reason)")
-        solution, cut, c = filter_traces(rec, traces, max_words, markers)
-        for k, v in c.items():
-            counts[k] += v
-        counts["records"] += 1
-        if solution is None:
-            continue
-        counts["records_kept"] += 1
-        counts["cut"] += cut
-        meta = {k: v for k, v in rec["meta"].items() if k != "traces"}
-        rows.append(record_row({**rec, "meta": meta}, solution=solution, reflection_cut=cut))
-    return rows, counts
-
-
-def traces_main(argv=None):
-    ap = argparse.ArgumentParser(prog="traces", description="filter R1 traces (sample.py --task "
-                                 "reason) into SFT records: shortest correct trace per record")
-    ap.add_argument("--data", required=True, help="the reason step's JSONL (records with `traces`)")
-    ap.add_argument("--out", required=True, help="SFT JSONL to write (our record form; solution = "
-                    "<think>...</think> summary <answer>X</answer>; images as in --data)")
-    ap.add_argument("--max-words", type=int, default=MAX_TRACE_WORDS,
-                    help="drop traces with more words than this (the raw completion)")
-    ap.add_argument("--markers", default="|".join(REFLECTION_MARKERS), help="'|'-separated "
-                    "reflection markers: the reasoning is cut at the first one after the answer "
-                    "appears ('' = no cutting)")
-    args = ap.parse_args(argv)
-    records, _ = load_records(args.data)
-    rows, c = traces_to_sft(records, args.max_words, tuple(m for m in args.markers.split("|") if m))
-    write_jsonl(args.out, rows)
-    n = sum(c[k] for k in DROP_REASONS + ("kept",))
-    print(f"traces: {n} read, {c['kept']} kept; dropped: "
-          + ", ".join(f"{k} {c[k]}" for k in DROP_REASONS))
-    print(f"records: {c['records']} read, {c['records_kept']} with a kept trace -> {args.out} "
-          f"({c['records'] - c['records_kept']} without); reflections cut in {c['cut']}")
-    return c
 
 
 def main(argv=None):
