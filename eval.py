@@ -23,14 +23,66 @@ import os
 import time
 
 import torch
+import torch.distributed as dist
 
 import data
 import model as M
 import reward
 import sample
-from sft import dist_cleanup, dist_init, print0
 
 BREAKDOWN = ("question_type", "answer_type", "family", "level", "subject", "problem_version", "category")
+
+# -----------------------------------------------------------------------------
+# the distributed kit: one plain process, or one of torchrun's (sft.py and grpo.py import it)
+
+
+def dist_init(device=None):
+    """-> (rank, world_size, device). Under torchrun (RANK/WORLD_SIZE set): join the process
+    group, gloo on CPU, nccl on CUDA (one GPU per local rank). Otherwise one plain process on
+    `device` (default: cuda if available, else cpu), no process group. Idempotent."""
+    device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def dist_cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def is_main():
+    return rank_world()[0] == 0
+
+
+def print0(*args, **kwargs):
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(x):
+    """Sum a tensor over ranks (in place, returns it); a no-op in one process."""
+    if dist.is_initialized():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
 
 # -----------------------------------------------------------------------------
 # scoring

@@ -1,57 +1,25 @@
 """
 GRPO, by hand: sample G completions per prompt, score them, push up the better ones.
 
-    python grpo.py                                   # the embedded demo: runs/sft1 -> runs/grpo1
-    python grpo.py --staircase                       # base -> SFT1 -> GRPO1 -> SFT2 -> GRPO2 (see staircase())
-    torchrun --nproc_per_node=8 grpo.py --model DIR --data train.jsonl ...   # FSDP2, see README
+    python grpo.py                    # the embedded demo: runs/sft1 -> runs/grpo1, 100 rollouts
+    python grpo.py --staircase        # the whole demo: base -> SFT1 -> GRPO1 -> SFT2 -> GRPO2
+    torchrun --nproc_per_node=8 grpo.py --model DIR --data train.jsonl ...   # FSDP2 (README)
 
-One step (a "rollout"), for P prompts:
-  1. sample G completions per prompt with sample.py (weights gathered once for the whole rollout)
-  2. score each with reward.py: r = accuracy (+ format_weight * format; 0 by default, as the paper)
-  3. group advantages, the same for every token of a completion:
-         A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-6)       (--no-std: r_i - mean, Dr.GRPO)
-     a group whose rewards are all equal has A = 0: no signal; we count it ("signal" metric)
-  4. log-probs of the sampled tokens under the sampling policy (logp_old) and under the frozen
-     start model (ref) - both sharded, no grad
-  5. mu passes over minibatches of the rollout, one optimizer step per minibatch, minimizing
-         rho_t = exp(logp_t - logp_old_t)
-         pg_t  = max(-A rho_t, -A clip(rho_t, 1 - eps_low, 1 + eps_high))
-         pg_t  = min(pg_t, -A dual_clip)          if A < 0  (dual clip: a far-off-policy negative
-                                                             sample cannot blow up the loss)
-         kl_t  = exp(ref_t - logp_t) - (ref_t - logp_t) - 1 (k3 estimator, >= 0, 0 iff equal)
-         loss  = sum_t (pg_t + beta kl_t) / (completion tokens in the minibatch, all ranks)
-     (--seq-mean: mean over each completion's tokens, then over completions.)
+One rollout, in main(): 1) `rollout`: G completions for each of P prompts (sample.py, weights
+gathered once); 2) `score`: reward 1 if the answer matches, else 0 (reward.py), and group
+advantages; 3) `reference_logps`: log-probs of the drawn tokens under the frozen start model and,
+if the rollout is reused, under the sampling policy; 4) `update`: one optimizer step per minibatch
+on the clipped objective (`grpo_loss`, formula below); 5) `rollout_metrics`: a line of
+metrics.jsonl (reward, accuracy per family, kl, clip_frac, entropy, signal_frac: the share of
+groups whose rewards differ, time per phase; test_accuracy every --eval-every rollouts).
 
-Each rollout appends a line to --out/metrics.jsonl: reward, accuracy (and accuracy_<family> on
-the synthetic world), format, kl, clip_frac, entropy, response_length, signal_frac (groups whose
-rewards differ), loss, grad_norm, time_sample/score/reference/update, tokens_per_s, sft_loss
-(with --sft-coef; its passes count in time_update), and the held-out test_accuracy every
---eval-every rollouts.
-
-Knobs: eps_low/eps_high (--clip-low/--clip-high) bound how far one update moves a token's
-probability; --dual-clip bounds negative-advantage terms; --beta weighs the KL to the start
-model; --mu and --prompts-per-step set how off-policy the later steps of a rollout get.
---prompts-per-step also sets the noise of each step: on the embedded demo, 16 prompts x 8 at lr
-1e-4 is barely above the noise floor for slow skills (README: a random reward moves the test by
--0.5 points, the real one by +0 to +3.5 from SFT models with no habit to turn round; from the
-demo's SFT1, which jumps to the value without the work, +22.75 in 100 rollouts), and at lr 3e-4
-noise costs 5-10 points unless the step holds 4x the prompts or --sft-coef 1 pulls it back (it
-holds the model steady; it does not add a gain).
---sft-coef adds coef x an SFT loss on the start model's data to every optimizer step (InstructGPT's
-PPO-ptx; off by default, the paper has none): a pull back toward what SFT taught.
-How this departs from the paper's EasyR1 setup: no vLLM (our own sampler), no padding-free
-packing (padded batches); the log-prob passes (4, 5) run each prompt and its image once per
-micro-batch and the G completions on copies of its K/V (completion_logps), where verl runs prompt
-+ completion for every row: the same numbers, 1.6-1.9x faster on the demo
-(tests/bench/bench_grpo_rows.py); and logp_old is not recomputed when the rollout is used once in one
-step (mu=1 and prompts_per_step = prompts_per_rollout): then logp_old = logp.detach() and
-rho = 1 exactly. Otherwise it is recomputed with a forward pass, as verl does.
-
-The paper's recipe on a real checkpoint (see README):
-    torchrun --nproc_per_node=8 grpo.py --model SFT_DIR --data grpo_train.jsonl --suffix r1 \\
-      --group-size 5 --temperature 1.0 --top-p 0.99 --beta 0.01 --clip-low 0.2 --clip-high 0.3 \\
-      --dual-clip 3 --lr 1e-6 --weight-decay 0.01 --prompts-per-rollout 512 --prompts-per-step 128 \\
-      --max-new-tokens 2048 --max-prompt-len 6144 --max-pixels 262144 --micro-batch 4
+How this departs from the paper's trainer (EasyR1 on verl): our own sampler instead of vLLM;
+padded batches, no packing; the log-prob passes run each prompt and its image once and its G
+completions on copies of its K/V (`completion_logps`: the same numbers as one pass over prompt +
+completion per row, fewer token passes); when a rollout makes one optimizer step, logp_old is
+logp.detach() (rho = 1 exactly) instead of a recomputed pass. The defaults are the demo's (16
+prompts x 8 a step, lr 1e-4, beta 0.1 for its larger lr); the paper's flags are in the README.
+The last section, `staircase`, runs the demo's five stages from nothing.
 """
 
 import argparse
@@ -63,13 +31,26 @@ import torch
 import torch.nn.functional as F
 
 import data
+import eval as E
 import model as M
 import reward
 import sample
 import sft
 
+GRAD_CLIP = 1.0  # max gradient norm, as the paper's trainer (sft.py uses the same)
+
 # -----------------------------------------------------------------------------
 # the objective
+#
+# For a prompt with G completions o_1..o_G and rewards r_1..r_G, every token t of o_i gets
+#     A_i   = (r_i - mean(r)) / (std(r) + 1e-6)             (--no-std: r_i - mean(r), Dr.GRPO)
+#     rho_t = exp(logp_t - logp_old_t)
+#     pg_t  = max(-A rho_t, -A clip(rho_t, 1 - eps_low, 1 + eps_high))
+#     pg_t  = min(pg_t, -A dual_clip)       if A < 0 (a far-off-policy bad sample cannot blow up)
+#     kl_t  = exp(ref_t - logp_t) - (ref_t - logp_t) - 1      (k3 estimator: >= 0, 0 iff equal)
+#     loss  = sum_t (pg_t + beta kl_t) / (completion tokens of the minibatch, all ranks)
+# (--seq-mean: a mean over each completion's tokens, then over completions.) A group whose
+# rewards are all equal has A = 0 and teaches nothing: we count the groups with signal.
 
 
 def group_advantages(rewards, group_size, scale_std=True, eps=1e-6):
@@ -84,11 +65,10 @@ def group_advantages(rewards, group_size, scale_std=True, eps=1e-6):
 
 def grpo_loss(logp, old_logp, ref_logp, adv, n_norm, clip_low=0.2, clip_high=0.3,
               dual_clip=3.0, beta=0.01, seq_mean=False, seq_len=None):
-    """Per-token inputs, flat over the completion tokens of a micro-batch (N,):
-    logp (with grad), old_logp, ref_logp (or None when beta == 0), adv (the advantage of the
-    token's completion). n_norm: the divisor, computed over
-    the whole minibatch on all ranks: completion tokens (token-mean) or completions (seq-mean,
-    then seq_len (N,) is each token's completion length). Returns (loss, stats dict)."""
+    """Per-token inputs, flat over the completion tokens of a micro-batch (N,): logp (with grad),
+    old_logp, ref_logp (None when beta == 0), adv (its completion's advantage). n_norm: the
+    divisor over the whole minibatch on all ranks: completion tokens (token-mean) or completions
+    (seq-mean; then seq_len (N,) is each token's completion length). -> (loss, stats)."""
     ratio = torch.exp(logp - old_logp)
     pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_low, 1 + clip_high))
     pg = torch.where(adv < 0, torch.minimum(pg, -adv * dual_clip), pg)
@@ -110,14 +90,16 @@ def grpo_loss(logp, old_logp, ref_logp, adv, n_norm, clip_low=0.2, clip_high=0.3
 # the rows of a rollout and their log-probs
 
 
-def build_sequences(encs, s):
-    """Prompt encodings (P) + Samples (P*n rows) -> one item per row: its prompt (id and
-    encoding, shared by the rows of a group) and its completion tokens."""
+def build_sequences(encs, s, adv=None):
+    """Prompt encodings (P) + Samples (P*n rows) [+ advantages (P*n,)] -> one item per row: its
+    prompt (id and encoding, shared by the rows of a group), its completion tokens, its advantage."""
     items = []
     for r in range(len(s.lengths)):
         i = int(s.prompt_index[r])
         comp = s.tokens[r, :int(s.lengths[r])]
         items.append(dict(prompt_id=i, prompt=encs[i], completion=comp, n_comp=len(comp)))
+        if adv is not None:
+            items[-1]["adv"] = float(adv[r])
     return items
 
 
@@ -176,46 +158,153 @@ def completion_logps(model, items, pad_id, with_entropy=False):
     return logp, ent
 
 # -----------------------------------------------------------------------------
-# the loop
+# one rollout: prompts -> samples -> rewards -> log-probs -> update -> metrics
 
 
-def sft_term(policy, rows, tok, pad_id, coef, suffix, max_pixels, micro, world, device, autocast):
-    """coef x the SFT loss (sft.py's token-mean cross-entropy) on `rows` (this rank's share of the
-    step's SFT rows: records with a solution), backpropagated into the step's gradient. With
-    --sft-coef > 0 each optimizer step minimizes GRPO's loss + coef * SFT loss on the data the
-    start model learned from (InstructGPT's "PPO-ptx"): GRPO's noisy updates, and what it
-    over-learns on hard prompts, are pulled back where they break what SFT taught. Returns this
-    rank's part of the SFT loss (the parts of all ranks sum to it), for the metrics."""
-    batches = [sft.encode_batch(tok, rows[i:i + micro], pad_id, suffix, device, max_pixels=max_pixels)
-               for i in range(0, len(rows), micro)]
-    n = sft.all_reduce_sum(torch.tensor(float(sum(sft.trained_tokens(b["labels"]) for b in batches)),
-                                        device=device))  # trained tokens of the step's SFT rows, all ranks
-    return sft.backward_sft(policy, batches, n, world, autocast, coef).item()
+def rollout_prompts(records, order, step, a, rank, world):
+    """This rank's prompts of rollout `step` -> (global prompt indices, records). Minibatch j of
+    the rollout is global prompts [j * pps, (j + 1) * pps); each rank holds its slice of every
+    minibatch, so N ranks take the same optimizer steps as one process."""
+    pps_local = a.prompts_per_step // world
+    gidx = [step * a.prompts_per_rollout + j * a.prompts_per_step + rank * pps_local + i
+            for j in range(a.prompts_per_rollout // a.prompts_per_step) for i in range(pps_local)]
+    return gidx, [records[order[g % len(order)]] for g in gidx]
+
+
+def rollout(policy, tok, recs, gidx, a, autocast):
+    """Each prompt encoded once, G completions each -> (encodings (P), sample.Samples (P*G rows)).
+    The draws depend on (seed, global prompt index), not on the rank or the batch."""
+    suffix = data.SUFFIXES.get(a.suffix, a.suffix)
+    encs = [data.encode_prompt(tok, data.format_question(r, suffix), r["images"], max_pixels=a.max_pixels)
+            for r in recs]
+    with autocast:
+        s = sample.generate(policy, encs, n=a.group_size, max_new_tokens=a.max_new_tokens,
+                            temperature=a.temperature, top_p=a.top_p, seed=a.seed, keys=gidx,
+                            tokenizer=tok, pad_id=pad_of(tok), max_prompt_len=a.max_prompt_len)
+    return encs, s
+
+
+def score(texts, recs, a):
+    """The P*G completions (group after group) -> (acc, fmt, rewards, adv: each (P*G,), groups
+    with signal). reward = accuracy + format_weight * format (the paper: accuracy alone)."""
+    G = a.group_size
+    acc = torch.tensor([reward.accuracy_reward(t, recs[r // G]["answer"], recs[r // G].get("choices"))
+                        for r, t in enumerate(texts)])
+    fmt = torch.tensor([reward.format_reward(t) for t in texts])
+    rewards = acc + a.format_weight * fmt
+    adv, signal = group_advantages(rewards, G, scale_std=not a.no_std)
+    return acc, fmt, rewards, adv, signal
+
+
+def reference_logps(policy, ref, items, a, pad_id, autocast):
+    """Sets each item's "ref": its tokens' log-probs under the frozen start model (None when
+    beta is 0), and "old": under the sampling policy (None when the rollout makes one optimizer
+    step: then logp_old = logp.detach() in `update`). No grad, micro-batch by micro-batch."""
+    on_policy = a.mu == 1 and a.prompts_per_step == a.prompts_per_rollout
+    with torch.no_grad(), autocast:
+        for i in range(0, len(items), a.micro_batch):
+            mb = items[i:i + a.micro_batch]
+            ref_lp = completion_logps(ref, mb, pad_id)[0] if a.beta > 0 else None
+            old_lp = None if on_policy else completion_logps(policy, mb, pad_id)[0]
+            off = 0
+            for it in mb:
+                n = it["n_comp"]
+                it["ref"] = ref_lp[off:off + n].float() if ref_lp is not None else None
+                it["old"] = old_lp[off:off + n] if old_lp is not None else None
+                off += n
+
+
+def policy_loss(policy, mb, n_norm, a, pad_id, device, autocast):
+    """The objective on one micro-batch of rows, with grad -> (loss, stats, entropy (N,))."""
+    with autocast:
+        logp, ent = completion_logps(policy, mb, pad_id, with_entropy=True)
+    cat = lambda key: torch.cat([it[key] if it[key] is not None else torch.zeros(0) for it in mb]).to(device)
+    old = logp.detach() if mb[0]["old"] is None else cat("old")
+    ref_lp = cat("ref") if mb[0]["ref"] is not None else None
+    adv = torch.cat([torch.full((it["n_comp"],), it["adv"]) for it in mb]).to(device)
+    seq_len = torch.cat([torch.full((it["n_comp"],), float(max(it["n_comp"], 1))) for it in mb]).to(device)
+    loss, st = grpo_loss(logp, old, ref_lp, adv, n_norm, a.clip_low, a.clip_high, a.dual_clip, a.beta,
+                         a.seq_mean, seq_len)
+    return loss, st, ent
+
+
+def update(policy, opt, items, a, pad_id, world, device, autocast):
+    """mu passes over the rollout's rows, one optimizer step per minibatch (this rank's rows of
+    prompts_per_step prompts), micro-batches accumulated. -> summed stats for the metrics."""
+    policy.train()
+    stats = dict(loss=0.0, kl=0.0, clipped=0, tokens=0, entropy=0.0, grad_norm=0.0)
+    rows_per_step = a.prompts_per_step // world * a.group_size
+    for _ in range(a.mu):
+        for s0 in range(0, len(items), rows_per_step):
+            step_items = items[s0:s0 + rows_per_step]
+            # the loss's divisor: completion tokens (or completions) of the minibatch on all ranks
+            n = torch.tensor([float(sum(it["n_comp"] for it in step_items)), float(len(step_items))], device=device)
+            n_tok, n_seq = E.all_reduce_sum(n)
+            n_norm = (n_seq if a.seq_mean else n_tok).clamp(min=1)
+            opt.zero_grad(set_to_none=True)
+            for m0 in range(0, len(step_items), a.micro_batch):
+                loss, st, ent = policy_loss(policy, step_items[m0:m0 + a.micro_batch], n_norm, a, pad_id,
+                                            device, autocast)
+                (loss * world).backward()  # FSDP averages gradients over ranks; the loss is already a global mean
+                stats["loss"] += loss.item()
+                for k in ("kl", "clipped", "tokens"):
+                    stats[k] += st[k]
+                stats["entropy"] += ent.sum().item()
+            gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), GRAD_CLIP)
+            stats["grad_norm"] = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
+            opt.step()
+    return stats
 
 
 def family_sums(acc, families):
     """acc (N,) and each row's synthetic family (None for other data) -> (len(data.FAMILIES), 2):
     [correct, rows] per family, a fixed shape that sums over ranks. Logged as accuracy_<family>:
-    where the reward rises, and where the policy drifts (a skill learned on hard prompts can
-    overwrite the easy one)."""
+    where the reward rises, and where the policy drifts."""
     pairs = list(zip(acc.tolist(), families))
     return torch.tensor([[float(sum(a for a, f in pairs if f == name)), float(families.count(name))]
                          for name in data.FAMILIES])
+
+
+def rollout_metrics(step, a, s, scores, stats, recs, times, device, t_start):
+    """One line of metrics.jsonl: this rank's rollout, summed over ranks, as means."""
+    acc, fmt, rewards, _, signal = scores
+    G, P = a.group_size, len(recs)
+    vals = torch.tensor([float(rewards.sum()), float(acc.sum()), float(fmt.sum()), float(len(rewards)),
+                         stats["kl"], stats["clipped"], stats["tokens"], stats["entropy"], float(signal),
+                         float(P), float(s.lengths.sum()), stats["loss"]], device=device)
+    fams = [(recs[r // G].get("meta") or {}).get("family") for r in range(len(acc))]
+    vals = E.all_reduce_sum(torch.cat([vals, family_sums(acc, fams).flatten().to(device)]))
+    (rew, acc, fmt, R, kl, clipped, tokens, ent, signal, P, gen, loss), fam = vals[:12].tolist(), vals[12:].view(-1, 2)
+    n_opt, T = a.mu * a.prompts_per_rollout // a.prompts_per_step, max(tokens, 1)
+    row = dict(step=step + 1, reward=rew / R, accuracy=acc / R, format=fmt / R, kl=kl / T, clip_frac=clipped / T,
+               entropy=ent / T, response_length=gen / R, signal_frac=signal / P, loss=loss / n_opt,
+               grad_norm=stats["grad_norm"], lr=a.lr, **{f"time_{k}": v for k, v in times.items()},
+               tokens_per_s=gen / max(sum(times.values()), 1e-9), elapsed=time.time() - t_start)
+    row.update({f"accuracy_{name}": float(fam[i, 0] / fam[i, 1]) for i, name in enumerate(data.FAMILIES) if fam[i, 1] > 0})
+    return row
+
+
+def test_metrics(policy, tok, test, step, rank, world):
+    """Greedy accuracy on the held-out synthetic test, overall and per family."""
+    _, summary = E.evaluate(policy, tok, test, rank=rank, world_size=world, progress=False)
+    E.print0(f"step {step + 1}: test accuracy {summary['accuracy']:.3f}")
+    return dict(test_accuracy=summary["accuracy"],
+                **{f"test_{k}": v[0] for k, v in summary["by"].get("family", {}).items()})
+# -----------------------------------------------------------------------------
+# the run
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="GRPO on a vision-language model (see the module docstring)")
     # model and data
     p.add_argument("--model", default="runs/sft1", help="policy to start from (checkpoint dir); also the KL reference")
-    p.add_argument("--data", default=None, help="training prompts (JSONL, any reader format); default: hard synthetic problems")
+    p.add_argument("--data", default=None, help="training prompts (JSONL, any reader format); default: synthetic problems")
     p.add_argument("--n-train", type=int, default=4000, help="synthetic training problems when --data is not given")
     p.add_argument("--level", default="hard", choices=["easy", "hard", "mix"], help="their level")
-    p.add_argument("--families", default=",".join(data.FAMILIES),
-                   help="their families, comma-separated (the paper's GRPO set is a chosen subset of its SFT sources)")
     p.add_argument("--out", default="runs/grpo1", help="output directory (checkpoints, metrics.jsonl)")
     p.add_argument("--suffix", default="", help="text after each question: '' or 'r1' (the paper's prompt)")
     p.add_argument("--max-pixels", type=int, default=512 * 512, help="image resize cap, pixels")
-    p.add_argument("--max-prompt-len", type=int, default=6144, help="prompts longer than this are skipped, tokens")
+    p.add_argument("--max-prompt-len", type=int, default=6144, help="longest prompt, tokens")
     # sampling
     p.add_argument("--group-size", type=int, default=8, help="G: completions per prompt")
     p.add_argument("--temperature", type=float, default=1.0, help="rollout temperature")
@@ -238,24 +327,43 @@ def get_args(argv=None):
     p.add_argument("--micro-batch", type=int, default=64, help="sequences per forward/backward, per rank")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (constant, no warmup)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
     p.add_argument("--freeze-vision", action="store_true", help="do not train the vision tower and merger")
-    p.add_argument("--sft-coef", type=float, default=0.0, help="weight of an SFT loss added to each optimizer "
-                   "step (PPO-ptx; 0: off, as the paper)")
-    p.add_argument("--sft-data", default=None, help="its data (JSONL with solutions); default: easy synthetic "
-                   "problems with their traces (what the demo's SFT1 learned from)")
-    p.add_argument("--sft-rows", type=int, default=32, help="SFT rows per optimizer step (all ranks)")
     # bookkeeping
     p.add_argument("--eval-every", type=int, default=50, help="evaluate on the held-out synthetic test every N rollouts (0: off)")
     p.add_argument("--eval-n", type=int, default=400, help="held-out items per evaluation")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N rollouts")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--seed", type=int, default=0, help="seed for prompt order and sampling")
-    p.add_argument("--staircase", action="store_true", help="the whole embedded demo: SFT1 -> GRPO1 -> "
-                   "SFT2 -> GRPO2 into runs/ (see staircase()); other flags are ignored")
+    p.add_argument("--staircase", action="store_true", help="the whole embedded demo from nothing into runs/ "
+                   "(see staircase(); with --seed); other flags are ignored")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 compute (default: on CUDA)")
     return p.parse_args(argv)
+
+
+def pad_of(tok):
+    return tok.pad_token_id if tok.pad_token_id is not None else 0
+
+
+def setup(a, device, world):
+    """-> (policy, ref, optimizer, tokenizer, autocast). The policy keeps fp32 master weights;
+    the reference is the frozen start model (bf16 with --bf16); both FSDP2-sharded under torchrun.
+    In one process bf16 is autocast around the policy's passes (FSDP's MixedPrecisionPolicy does
+    it on several ranks); the weights, the loss and the optimizer stay fp32."""
+    bf16 = a.bf16 if a.bf16 is not None else str(device).startswith("cuda")
+    torch.manual_seed(a.seed)
+    tok = data.load_tokenizer(a.model)
+    policy = M.load_model(a.model, dtype=torch.float32, device=device)
+    ref = M.load_model(a.model, dtype=torch.bfloat16 if bf16 else torch.float32, device=device).eval()
+    ref.requires_grad_(False)
+    if a.freeze_vision and hasattr(policy, "visual"):
+        policy.visual.requires_grad_(False)
+    policy = sft.shard_model(policy, device, bf16)
+    ref = sft.shard_model(ref, device, bf16)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and world == 1)
+    opt = torch.optim.AdamW([q for q in policy.parameters() if q.requires_grad], lr=a.lr,
+                            weight_decay=a.weight_decay, betas=(0.9, 0.999))
+    return policy, ref, opt, tok, autocast
 
 
 def main(argv=None):
@@ -263,259 +371,104 @@ def main(argv=None):
     if a.staircase:
         return staircase(seed=a.seed)
     if a.model == "runs/sft1" and not os.path.exists(a.model):
-        raise SystemExit("grpo.py: no runs/sft1; the demo starts from the SFT1 model: run `python sft.py` "
-                         f"and then `python sft.py {' '.join(SFT_FROM_BASE)} --jump 0.7 --out runs/sft1` "
-                         "first (or `python grpo.py --staircase` for the whole loop)")
-    rank, world, device = sft.dist_init(a.device)
-    bf16 = a.bf16 if a.bf16 is not None else str(device).startswith("cuda")
-    if a.prompts_per_rollout % a.prompts_per_step or a.prompts_per_step % world or a.sft_rows % world:
-        raise SystemExit("--prompts-per-rollout must be a multiple of --prompts-per-step, and that and "
-                         "--sft-rows multiples of the number of processes")
-    torch.manual_seed(a.seed)
-    tok = data.load_tokenizer(a.model)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    policy = M.load_model(a.model, dtype=torch.float32, device=device)
-    ref = M.load_model(a.model, dtype=torch.bfloat16 if bf16 else torch.float32, device=device).eval()
-    for prm in ref.parameters():
-        prm.requires_grad_(False)
-    if a.freeze_vision and hasattr(policy, "visual"):
-        policy.visual.requires_grad_(False)
-    policy = sft.shard_model(policy, device, bf16)
-    ref = sft.shard_model(ref, device, bf16)
-    # bf16 in one process: autocast around the policy's passes (FSDP's MixedPrecisionPolicy does it
-    # on several); the weights, the loss and the optimizer stay fp32
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and world == 1)
-    opt = torch.optim.AdamW([q for q in policy.parameters() if q.requires_grad], lr=a.lr,
-                            weight_decay=a.weight_decay, betas=(0.9, 0.999))
+        raise SystemExit("grpo.py: no runs/sft1, the demo's start model: `python grpo.py --staircase` builds "
+                         "it and the rest of the loop (see README)")
+    rank, world, device = E.dist_init(a.device)
+    if a.prompts_per_rollout % a.prompts_per_step or a.prompts_per_step % world:
+        raise SystemExit("--prompts-per-rollout must be a multiple of --prompts-per-step, and that a multiple "
+                         "of the number of processes")
+    policy, ref, opt, tok, autocast = setup(a, device, world)
     start, ck = 0, sft.latest_checkpoint(a.out) if a.resume else None
     if ck:
         start = sft.load_checkpoint(ck, policy, opt)["step"]
-        sft.print0(f"resumed from {ck} at step {start}")
-    if a.data:
-        records, n_bad = data.load_records(a.data)
-    else:
-        families = [f for f in a.families.split(",") if f]
-        unknown = sorted(set(families) - set(data.FAMILIES))
-        if unknown or not families:
-            raise SystemExit(f"grpo.py: --families {a.families!r}: unknown {unknown}; choose from {', '.join(data.FAMILIES)}")
-        records = data.synth_records(a.n_train, a.level, seed=1, families=families)
-    sft_rows = []
-    if a.sft_coef > 0:
-        if a.sft_data:
-            sft_rows, _ = data.load_records(a.sft_data)
-            missing = [r["source"] for r in sft_rows if not r.get("solution")]
-            if missing:
-                raise SystemExit(f"grpo.py: --sft-data rows need a solution to train on; none at {missing[0]}"
-                                 f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}")
-        else:  # SFT1's own data: sft.py's defaults (easy level, data seed 0), the first 4000 problems
-            sft_rows = data.synth_records(4000, "easy", seed=0)
+        E.print0(f"resumed from {ck} at step {start}")
+    records = data.load_records(a.data)[0] if a.data else data.synth_records(a.n_train, a.level, seed=1)
     test = data.synth_test_records(a.eval_n) if a.eval_every else None
     log = sft.MetricsLogger(os.path.join(a.out, "metrics.jsonl"), resume_step=start if ck else None)
-    suffix = data.SUFFIXES.get(a.suffix, a.suffix)
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(a.seed)).tolist()
-    P_local, pps_local = a.prompts_per_rollout // world, a.prompts_per_step // world
-    G = a.group_size
-    n_done = start * (a.mu * a.prompts_per_rollout // a.prompts_per_step)  # optimizer steps so far
     t_start = time.time()
     from tqdm import tqdm
     for step in tqdm(range(start, a.steps), initial=start, total=a.steps, desc="grpo", disable=rank != 0):
-        times = {}
-        # 1. prompts of this rollout (this rank's share), encoded once
-        t0 = time.time()
-        # minibatch j of the rollout is global prompts [j * pps, (j + 1) * pps); each rank holds
-        # its slice of every minibatch, so N ranks take the same optimizer steps as 1 process
-        gidx = [step * a.prompts_per_rollout + j * a.prompts_per_step + rank * pps_local + i
-                for j in range(a.prompts_per_rollout // a.prompts_per_step) for i in range(pps_local)]
-        recs = [records[order[g % len(order)]] for g in gidx]
-        encs = [data.encode_prompt(tok, data.format_question(r, suffix), r["images"], max_pixels=a.max_pixels) for r in recs]
-        # 2. sample
-        with autocast:
-            s = sample.generate(policy, encs, n=G, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                                top_p=a.top_p, seed=a.seed, keys=gidx,
-                                tokenizer=tok, pad_id=pad_id, max_prompt_len=a.max_prompt_len)
-        times["sample"] = time.time() - t0
-        # 3. score
-        t0 = time.time()
-        acc = torch.tensor([reward.accuracy_reward(s.texts[r], recs[r // G]["answer"], recs[r // G].get("choices"))
-                            for r in range(len(s.texts))])
-        fmt = torch.tensor([reward.format_reward(t) for t in s.texts])
-        rewards = acc + a.format_weight * fmt
-        adv, signal = group_advantages(rewards, G, scale_std=not a.no_std)
-        times["score"] = time.time() - t0
-        # 4. training rows, reference (and old) log-probs, no grad
-        t0 = time.time()
-        items = build_sequences(encs, s)
-        for r, it in enumerate(items):
-            it["adv"] = float(adv[r])
-        mbs = [items[i:i + a.micro_batch] for i in range(0, len(items), a.micro_batch)]
-        on_policy = a.mu == 1 and a.prompts_per_step == a.prompts_per_rollout
-        with torch.no_grad(), autocast:
-            for mb in mbs:
-                ref_lp = completion_logps(ref, mb, pad_id)[0] if a.beta > 0 else None
-                old_lp = None if on_policy else completion_logps(policy, mb, pad_id)[0]
-                off = 0
-                for it in mb:
-                    n = it["n_comp"]
-                    it["ref"] = ref_lp[off:off + n].float() if ref_lp is not None else None
-                    it["old"] = old_lp[off:off + n] if old_lp is not None else None
-                    off += n
-        times["reference"] = time.time() - t0
-        # 5. mu passes of minibatch updates
-        t0 = time.time()
-        policy.train()
-        stats = dict(loss=0.0, kl=0.0, clipped=0, tokens=0, entropy=0.0, grad_norm=0.0, sft_loss=0.0)
-        rows_per_step = pps_local * G
-        for _ in range(a.mu):
-            for s0 in range(0, len(items), rows_per_step):
-                step_items = items[s0:s0 + rows_per_step]
-                n_tok = torch.tensor(float(sum(it["n_comp"] for it in step_items)), device=device)
-                n_seq = torch.tensor(float(len(step_items)), device=device)
-                if world > 1:
-                    torch.distributed.all_reduce(n_tok)
-                    torch.distributed.all_reduce(n_seq)
-                n_norm = (n_seq if a.seq_mean else n_tok).clamp(min=1)
-                opt.zero_grad(set_to_none=True)
-                for m0 in range(0, len(step_items), a.micro_batch):
-                    mb = step_items[m0:m0 + a.micro_batch]
-                    with autocast:
-                        logp, ent = completion_logps(policy, mb, pad_id, with_entropy=True)
-                    cat = lambda key: torch.cat([it[key] if it[key] is not None else torch.zeros(0) for it in mb]).to(device)
-                    old = logp.detach() if mb[0]["old"] is None else cat("old")
-                    ref_lp = cat("ref") if mb[0]["ref"] is not None else None
-                    adv_t = torch.cat([torch.full((it["n_comp"],), it["adv"]) for it in mb]).to(device)
-                    seq_len = torch.cat([torch.full((it["n_comp"],), float(max(it["n_comp"], 1))) for it in mb]).to(device)
-                    loss, st = grpo_loss(logp, old, ref_lp, adv_t, n_norm, a.clip_low, a.clip_high,
-                                         a.dual_clip, a.beta, a.seq_mean, seq_len)
-                    # FSDP averages gradients over ranks; the loss is already a global mean
-                    (loss * world).backward()
-                    stats["loss"] += loss.item()
-                    stats["kl"] += st["kl"]
-                    stats["clipped"] += st["clipped"]
-                    stats["tokens"] += st["tokens"]
-                    stats["entropy"] += ent.sum().item()
-                if sft_rows:  # this rank's share of the step's SFT rows, in a fixed cycle over the data
-                    k0 = (n_done * a.sft_rows + rank * (a.sft_rows // world)) % len(sft_rows)
-                    mine = [sft_rows[(k0 + i) % len(sft_rows)] for i in range(a.sft_rows // world)]
-                    stats["sft_loss"] += sft_term(policy, mine, tok, pad_id, a.sft_coef, suffix, a.max_pixels,
-                                                  a.micro_batch, world, device, autocast)
-                    n_done += 1
-                gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), a.grad_clip)
-                stats["grad_norm"] = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
-                opt.step()
+        times, t0 = {}, time.time()
+        gidx, recs = rollout_prompts(records, order, step, a, rank, world)
+        encs, s = rollout(policy, tok, recs, gidx, a, autocast)                      # 1. sample
+        times["sample"], t0 = time.time() - t0, time.time()
+        scores = score(s.texts, recs, a)                                              # 2. score
+        times["score"], t0 = time.time() - t0, time.time()
+        items = build_sequences(encs, s, adv=scores[3])                              # 3. log-probs
+        reference_logps(policy, ref, items, a, pad_of(tok), autocast)
+        times["reference"], t0 = time.time() - t0, time.time()
+        stats = update(policy, opt, items, a, pad_of(tok), world, device, autocast)   # 4. update
         times["update"] = time.time() - t0
-        # metrics (this rank's rollout, reduced over ranks)
-        n_tok_gen = float(s.lengths.sum())
-        vals = torch.tensor([float(rewards.sum()), float(acc.sum()), float(fmt.sum()), float(len(rewards)),
-                             stats["kl"], stats["clipped"], stats["tokens"], stats["entropy"], float(signal),
-                             float(P_local), n_tok_gen, stats["loss"], stats["sft_loss"]], device=device)
-        fams = [(recs[r // G].get("meta") or {}).get("family") for r in range(len(acc))]
-        n_base = vals.numel()  # then [correct, rows] per family
-        vals = torch.cat([vals, family_sums(acc, fams).flatten().to(device)])
-        if world > 1:
-            torch.distributed.all_reduce(vals)
-        R, n_opt = vals[3].item(), a.mu * a.prompts_per_rollout // a.prompts_per_step
-        row = dict(step=step + 1, reward=vals[0].item() / R, accuracy=vals[1].item() / R, format=vals[2].item() / R,
-                   kl=vals[4].item() / max(vals[6].item(), 1), clip_frac=vals[5].item() / max(vals[6].item(), 1),
-                   entropy=vals[7].item() / max(vals[6].item(), 1), response_length=vals[10].item() / R,
-                   signal_frac=vals[8].item() / vals[9].item(), loss=vals[11].item() / n_opt,
-                   grad_norm=stats["grad_norm"], lr=a.lr,
-                   **{f"time_{k}": v for k, v in times.items()},
-                   tokens_per_s=vals[10].item() / max(sum(times.values()), 1e-9), elapsed=time.time() - t_start)
-        if sft_rows:
-            row["sft_loss"] = vals[12].item() / n_opt
-        fam_sums = vals[n_base:].view(-1, 2)
-        row.update({f"accuracy_{name}": float(fam_sums[i, 0] / fam_sums[i, 1])
-                    for i, name in enumerate(data.FAMILIES) if fam_sums[i, 1] > 0})
+        row = rollout_metrics(step, a, s, scores, stats, recs, times, device, t_start)  # 5. metrics
         if test is not None and ((step + 1) % a.eval_every == 0 or step + 1 == a.steps):
-            import eval as E  # (below us in the reading order: imported only when used)
-            _, summary = E.evaluate(policy, tok, test, rank=rank, world_size=world, progress=False)
-            row["test_accuracy"] = summary["accuracy"]
-            row.update({f"test_{k}": v[0] for k, v in summary["by"].get("family", {}).items()})
-            sft.print0(f"step {step + 1}: test accuracy {summary['accuracy']:.3f}")
+            row.update(test_metrics(policy, tok, test, step, rank, world))
         log.log(**row)
         if (step + 1) % a.save_every == 0 or step + 1 == a.steps:
             sft.save_checkpoint(policy, tok, sft.checkpoint_dir(a.out, step + 1), optimizer=opt, step=step + 1)
     sft.export_model(policy, tok, a.out)  # the final policy, HF layout, at the top of --out
     log.close()
-    sft.dist_cleanup()
+    E.dist_cleanup()
 
 
 # -----------------------------------------------------------------------------
-# the paper's staircase on the embedded world: base -> SFT1 -> GRPO1 -> SFT2 -> GRPO2
-
+# the demo's staircase: base -> SFT1 -> GRPO1 -> SFT2 -> GRPO2 on the embedded world, from nothing
 
 SFT_FROM_BASE = ["--model", "runs/base", "--steps", "300", "--lr", "3e-4", "--warmup", "0", "--data-seed", "1"]
+MAX_NEW = 192  # completion budget of the distillation samples and the tests (gold traces <= 81 tokens)
 
 
-def staircase(root="runs", n_distill=12000, k=2, seed=0, test_n=2000):
-    """The paper's loop on the embedded world, each stage evaluated greedily on the held-out test
-    (its first test_n problems: 2000, as eval.py's default, so one standard error is ~1 point;
-    sft.py's and grpo.py's own checks take the first 400). Base: the tiny VLM learns the world
-    from scratch on full traces of easy problems (sft.py with no flags; it stands in for
-    Qwen2.5-VL-Instruct, which the real recipe downloads). SFT1 fine-tunes the base on the first SFT set, whose traces jump to the value
-    without the work 70% of the time (--jump 0.7; the paper's first set is distilled from a text
-    model's traces). GRPO1 on problems of the SFT level (easy), GRPO2 on easy and hard ones
-    (--level mix): the paper's GRPO sets get harder from one iteration to the next (its released
-    sets: medium, then hard); the easy half keeps GRPO2 from listing four rows everywhere.
-    Iteration 2, as the paper builds it: the GRPO1 model answers n_distill training problems (easy
-    and hard) k times each (sample.py --task distill), data.py traces keeps the shortest correct
-    answer of each, sft.py fine-tunes the base on that (SFT2), and GRPO runs again from there.
-    seed (--seed) sets the base's initialization and GRPO's and the distillation's sampling, for
-    a second run. The table goes to runs/staircase.md. Stages already done (in
-    runs/staircase.json, with their model on disk) are skipped, so a rerun continues. One process
-    (run the stages by hand for torchrun)."""
-    import eval as E  # (below us in the reading order: imported only when used)
+def staircase_stages(root, n_distill, k, seed):
+    """The five stages, each (name, its output dir, the command the table shows, the call that
+    runs those same flags). Base: the tiny VLM learns the world from scratch on full traces of
+    easy problems (it stands in for the downloaded Qwen2.5-VL-Instruct). SFT1: a short fine-tune
+    of the base on a first SFT set whose traces jump to the value without the work 70% of the
+    time (--jump 0.7). GRPO1 on easy problems, GRPO2 on easy and hard ones (the paper's GRPO sets
+    get harder). SFT2, as the paper builds iteration 2: the GRPO1 model answers n_distill
+    problems k times, `data.py traces` keeps the shortest correct answer of each, and the base is
+    fine-tuned on that."""
     d = lambda *p: os.path.join(root, *p)
-    max_new = 192  # completion budget of the distill samples and the evaluations (gold traces <= 81 tokens)
     from_base = [d("base") if x == "runs/base" else x for x in SFT_FROM_BASE]
-    sft_run = lambda args: sft.train(sft.parser().parse_args(args + ["--eval-n", "0"]))
     sd = ["--seed", str(seed)] if seed else []
     q = lambda args: "".join(" " + x for x in args)  # the flags as the table shows them
-    # a stage: (the command the table shows, the call that runs those same flags)
+    sft_run = lambda args: sft.train(sft.parser().parse_args(args + ["--eval-n", "0"]))
     sft_stage = lambda args: (f"python sft.py{q(args)}", lambda: sft_run(args))
     grpo_stage = lambda args: (f"python grpo.py{q(args)}", lambda: main(args + ["--eval-every", "0"]))
+    distill = ["--task", "distill", "--model", d("grpo1"), "--data", d("distill", "data.jsonl"), "--out",
+               d("distill", "samples.jsonl"), "--n", str(k), "--max-new-tokens", str(MAX_NEW), "--batch-size", "64"] + sd
 
     def sft2():  # the GRPO1 model writes the next SFT set; SFT from the base on it
         if not os.path.exists(d("distill", "data.jsonl")):
             data.write_split(d("distill"), n_distill, "mix", seed=2)
-        sample.main(["--task", "distill", "--model", d("grpo1"), "--data", d("distill", "data.jsonl"),
-                     "--out", d("distill", "samples.jsonl"), "--n", str(k), "--max-new-tokens", str(max_new),
-                     "--batch-size", "64"] + sd)
+        sample.main(distill)
         data.main(["traces", "--data", d("distill", "samples.jsonl"), "--out", d("sft2.jsonl")])
         sft_run(from_base + ["--data", d("sft2.jsonl"), "--out", d("sft2")])
 
-    stages = [
+    return [
         ("base", d("base"), *sft_stage(sd + ["--out", d("base")])),
         ("SFT1", d("sft1"), *sft_stage(from_base + ["--jump", "0.7", "--out", d("sft1")])),
         ("GRPO1", d("grpo1"), *grpo_stage(["--model", d("sft1"), "--level", "easy", "--out", d("grpo1")] + sd)),
         ("SFT2", d("sft2"), f"python data.py synth --out {d('distill')} --n {n_distill} --level mix --seed 2\n"
-         f"python sample.py --task distill --model {d('grpo1')} --data {d('distill', 'data.jsonl')} "
-         f"--out {d('distill', 'samples.jsonl')} --n {k} --max-new-tokens {max_new} --batch-size 64{q(sd)}\n"
+         f"python sample.py{q(distill)}\n"
          f"python data.py traces --data {d('distill', 'samples.jsonl')} --out {d('sft2.jsonl')}\n"
          f"python sft.py{q(from_base)} --data {d('sft2.jsonl')} --out {d('sft2')}", sft2),
         ("GRPO2", d("grpo2"), *grpo_stage(["--model", d("sft2"), "--level", "mix", "--out", d("grpo2")] + sd)),
     ]
-    test = data.synth_test_records(test_n)
-    table_path, rows = d("staircase.json"), {}
-    if os.path.exists(table_path):
-        with open(table_path) as f:
-            rows = json.load(f)
-    for name, out, cmd, run in stages:
-        if name not in rows or not os.path.exists(os.path.join(out, "config.json")):
-            print(f"\n=== {name}: {cmd}", flush=True)
-            t0 = time.time()
-            run()
-            seconds = time.time() - t0
-            tok = data.load_tokenizer(out)
-            m = M.load_model(out).eval()
-            _, s = E.evaluate(m, tok, test, batch_size=100, max_new_tokens=max_new, progress=False)
-            rows[name] = dict(accuracy=s["accuracy"], family={k: v[0] for k, v in s["by"]["family"].items()},
-                              level={k: v[0] for k, v in s["by"].get("level", {}).items()},
-                              seconds=seconds, command=cmd)
-            with open(table_path, "w") as f:
-                json.dump(rows, f, indent=1)
-        r = rows[name]
-        print(f"{name}: test accuracy {r['accuracy']:.1%} ({r['seconds'] / 60:.1f} min)", flush=True)
+
+
+def run_stage(name, out, cmd, run, test):
+    """Run one stage, then test its model greedily -> its row of the table."""
+    print(f"\n=== {name}: {cmd}", flush=True)
+    t0 = time.time()
+    run()
+    seconds = time.time() - t0
+    m = M.load_model(out).eval()
+    _, s = E.evaluate(m, data.load_tokenizer(out), test, batch_size=100, max_new_tokens=MAX_NEW, progress=False)
+    return dict(accuracy=s["accuracy"], family={k: v[0] for k, v in s["by"]["family"].items()},
+                level={k: v[0] for k, v in s["by"].get("level", {}).items()}, seconds=seconds, command=cmd)
+
+
+def write_table(stages, rows, path):
     fams = sorted(next(iter(rows.values()))["family"])
     lines = ["| stage | test accuracy | " + " | ".join(fams) + " | wall-clock | command |",
              "|---|---|" + "---|" * len(fams) + "---|---|"]
@@ -523,11 +476,31 @@ def staircase(root="runs", n_distill=12000, k=2, seed=0, test_n=2000):
         r = rows[name]
         lines.append(f"| {name} | {r['accuracy']:.1%} | " + " | ".join(f"{r['family'][f]:.1%}" for f in fams)
                      + f" | {r['seconds'] / 60:.1f} min | `{r['command'].splitlines()[-1]}` |")
-    total = sum(r["seconds"] for r in rows.values())
-    lines.append(f"\ntotal {total / 60:.1f} min")
-    with open(d("staircase.md"), "w") as f:
+    lines.append(f"\ntotal {sum(r['seconds'] for r in rows.values()) / 60:.1f} min")
+    with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def staircase(root="runs", n_distill=12000, k=2, seed=0, test_n=2000):
+    """The paper's loop on the embedded world, each stage tested greedily on the first test_n
+    held-out problems (one standard error ~1 point at 2000). Writes root/staircase.json (a row
+    per stage) and root/staircase.md. A stage already in staircase.json, with its model on disk,
+    is skipped, so a rerun continues. seed (--seed) sets the base's initialization and the
+    sampling of GRPO and distillation. One process (run the stages by hand for torchrun)."""
+    stages = staircase_stages(root, n_distill, k, seed)
+    test = data.synth_test_records(test_n)
+    table_path, rows = os.path.join(root, "staircase.json"), {}
+    if os.path.exists(table_path):
+        with open(table_path) as f:
+            rows = json.load(f)
+    for name, out, cmd, run in stages:
+        if name not in rows or not os.path.exists(os.path.join(out, "config.json")):
+            rows[name] = run_stage(name, out, cmd, run, test)
+            with open(table_path, "w") as f:
+                json.dump(rows, f, indent=1)
+        print(f"{name}: test accuracy {rows[name]['accuracy']:.1%} ({rows[name]['seconds'] / 60:.1f} min)", flush=True)
+    write_table(stages, rows, os.path.join(root, "staircase.md"))
     return rows
 
 

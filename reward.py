@@ -1,11 +1,7 @@
 """
 Rewards for GRPO, and the answer matcher that eval.py reuses. Pure `str -> float`, standard
-library only (no torch, no numpy, no sympy).
-
-    extract_answer(completion)            -> str | None
-    is_equiv(pred, answer, choices=None)  -> bool
-    accuracy_reward(completion, answer, choices=None) -> 1.0 | 0.0
-    format_reward(completion)             -> 1.0 | 0.0
+library only (no torch, no numpy, no sympy): extract_answer(completion) -> str | None,
+is_equiv(pred, answer, choices) -> bool, accuracy_reward and format_reward -> 1.0 | 0.0.
 
 Extraction: the last complete <answer>...</answer>; else the last \\boxed{...} (nested braces);
 else a closing "the answer is X" / "Answer: X" in the last 300 characters; else None.

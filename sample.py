@@ -2,48 +2,27 @@
 The batched KV-cached sampler: prefill each prompt once (vision tower included), copy its cache
 into the n rows of its group, then decode all rows together until each stops.
 
-    from sample import generate
-    prompts = [data.encode_prompt(tok, "How many red shapes?", [img]), ...]
-    out = generate(model, prompts, n=4, max_new_tokens=256, temperature=1.0, top_p=0.99, seed=0,
-                   stop_ids=[im_end, endoftext], tokenizer=tok)
-    out.tokens     (R, L) long    completion tokens, row r = prompt r // n, sample r % n; padded
-    out.logprobs   (R, L) float   log-prob of each token under the model (untempered, full vocab)
-    out.lengths    (R,)   long    tokens in each completion (the stop token counts)
-    out.finished   (R,)   bool    stopped on a stop token (False: hit max_new_tokens)
-    out.texts      list[str]      decoded completions (special tokens dropped)
+    out = generate(model, [data.encode_prompt(tok, "How many red shapes?", [img])], n=4,
+                   max_new_tokens=256, temperature=1.0, top_p=0.99, seed=0, tokenizer=tok)
+    out.tokens (R, L), out.logprobs (R, L), out.lengths (R,), out.finished (R,), out.texts
+    (row r = prompt r // n, sample r % n; padded after each row's length)
 
-Why it is fast: K/V live in buffers allocated once (model.KVCache) and written in place; the
-prompt and image are encoded once per prompt, not once per sample; a decode step computes the
-LM head for one position per row; under FSDP2 the weights are gathered once per call to
-generate (not once per step): see `gathered`.
+K/V live in buffers allocated once and written in place; under FSDP2 the weights are gathered
+once per call (`gathered`). Sampling: temperature, top-k, top-p, then one draw whose uniform is a
+hash of (seed, prompt key, sample index, step), so a row's draws do not depend on its batch or
+on the number of processes; temperature 0 is greedy. Vision tokens are never emitted (a sampled
+<|image_pad|> breaks the next forward). Masks come from lengths, never from token ids.
 
-Sampling: temperature, then top-k, then top-p (the smallest set of most likely tokens whose
-probability reaches top_p), then one draw by inverse CDF. The uniform for the draw is a hash of
-(seed, key of the prompt, sample index, step), not a stream from a shared generator: a row's
-sample depends only on its own logits and key, so batching, the order of prompts and the number
-of processes do not change what is drawn. temperature 0 is greedy. Vision tokens (<|image_pad|>,
-<|vision_start|>, ...) are never emitted: a sampled <|image_pad|> would break the next forward.
-
-Masks come from lengths, never from token identity (the pad id may equal EOS).
-
-CLI:
-    python sample.py --model DIR --image PATH --question "..." [--n 4 --temperature 1.0 --top-p 0.99]
-    python sample.py --model DIR --data FILE.jsonl --out FILE.jsonl [--n 4 ...]   # batch, resumable
-
-The first SFT set, as the paper builds it (iteration 1): a VLM captions each record's images, a
-text-only R1 model (qwen2 checkpoint, e.g. DeepSeek-R1-Distill-Qwen-14B) solves the question from
-caption + question, k traces a record; `python data.py traces` then keeps the shortest correct one.
+    python sample.py --model DIR --image PATH --question "..." [--n 4 --temperature 1.0]
+    python sample.py --model DIR --data FILE.jsonl --out FILE.jsonl       # batch, resumable
     python sample.py --task caption --model VLM --data data.jsonl --out captions.jsonl
-    python sample.py --task reason --model R1 --data captions.jsonl --out traces.jsonl [--n 4]
-    python data.py traces --data traces.jsonl --out sft.jsonl [--max-words 500]
-Each step writes its input records back with one field added (`caption`, `traces`), one line per
-record, appended per batch; a rerun skips the records already in --out. Sampling defaults depend
-on --task (TASK_DEFAULTS): a greedy caption; R1's temperature 0.6, top-p 0.95 for reasoning.
-
-Later iterations (the paper's loop): the current VLM answers each training record k times and
-the shortest correct answer becomes the next SFT set:
+    python sample.py --task reason --model R1 --data captions.jsonl --out traces.jsonl --n 4
     python sample.py --task distill --model runs/grpo1 --data train.jsonl --out samples.jsonl --n 4
-    python data.py traces --data samples.jsonl --out sft2.jsonl
+
+caption, reason and distill build SFT sets as the paper does (`python data.py traces` filters
+them): a VLM captions, a text-only R1 model (a qwen2 checkpoint) reasons from caption +
+question, or, in later iterations, the current VLM answers k times. Each writes its input records
+back with a field added (caption, traces), appended per batch; a rerun skips what is done.
 """
 
 import argparse
@@ -239,6 +218,22 @@ def default_stop_ids(cfg, tokenizer=None):
 
 
 @torch.no_grad()
+def check_request(prompts, n, temperature, top_p, top_k, keys, budget):
+    """A clear error for a request generate cannot serve (before any work is done)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if not prompts:
+        raise ValueError("no prompts")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"bad sampling parameters: temperature={temperature}, top_p={top_p}, top_k={top_k}")
+    for i, p in enumerate(prompts):
+        if len(p["input_ids"]) > budget:
+            raise ValueError(f"prompt {i} has {len(p['input_ids'])} tokens, more than the budget of {budget} "
+                             f"(max_prompt_len, or max_position_embeddings - max_new_tokens)")
+    if keys is not None and len(keys) != len(prompts):
+        raise ValueError(f"keys has {len(keys)} entries for {len(prompts)} prompts (one key per prompt)")
+
+
 def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0, seed=0,
              stop_ids=None, ban_ids=None, keys=None, tokenizer=None, pad_id=0, max_prompt_len=None):
     """Sample n completions for each prompt. prompts: list of dicts with input_ids (T,) and
@@ -246,20 +241,8 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     keys: one int per prompt naming it for the sampler's hash (default: its index in the list);
     give global indices when prompts are split across processes. Returns Samples."""
     cfg = model.config
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if not prompts:
-        raise ValueError("no prompts")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(f"bad sampling parameters: temperature={temperature}, top_p={top_p}, top_k={top_k}")
-    lens = [len(p["input_ids"]) for p in prompts]
     budget = max_prompt_len if max_prompt_len is not None else cfg.max_position_embeddings - max_new_tokens
-    for i, L in enumerate(lens):
-        if L > budget:
-            raise ValueError(f"prompt {i} has {L} tokens, more than the budget of {budget} "
-                             f"(max_prompt_len, or max_position_embeddings - max_new_tokens)")
-    if keys is not None and len(keys) != len(prompts):
-        raise ValueError(f"keys has {len(keys)} entries for {len(prompts)} prompts (one key per prompt)")
+    check_request(prompts, n, temperature, top_p, top_k, keys, budget)
     stop_ids = default_stop_ids(cfg, tokenizer) if stop_ids is None else list(stop_ids)
     ban_ids = vision_token_ids(cfg, tokenizer) if ban_ids is None else list(ban_ids)
     dev = model.model.embed_tokens.weight.device
@@ -353,7 +336,6 @@ def sampling_args(p):
     p.add_argument("--max-new-tokens", type=int, default=None, help="completion budget, tokens (" + per_task("max_new_tokens") + ")")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--max-pixels", type=int, default=512 * 512, help="image resize cap, pixels")
-    p.add_argument("--min-pixels", type=int, default=data.MIN_PIXELS, help="image resize floor, pixels")
 
 
 def main(argv=None):
@@ -397,7 +379,7 @@ def main(argv=None):
     tok = data.load_tokenizer(a.model)
     kw = dict(n=a.n, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
               top_k=a.top_k, seed=a.seed, tokenizer=tok, pad_id=tok.pad_token_id or 0)
-    px = dict(min_pixels=a.min_pixels, max_pixels=a.max_pixels)
+    px = dict(max_pixels=a.max_pixels)
     if a.task == "caption":
         return run_captions(model, tok, a.data, a.out, a.batch_size, a.caption_prompt, px, kw)
     if a.task == "reason":

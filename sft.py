@@ -1,51 +1,27 @@
 """
 Supervised fine-tuning: masked cross-entropy on the assistant's tokens, AdamW with warmup then
-cosine decay, gradient clipping and accumulation, FSDP2 under torchrun; and the small distributed
-kit (init, FSDP wrapping, checkpoints, metrics) that grpo.py and eval.py import.
+cosine decay, gradient clipping and accumulation, FSDP2 under torchrun; and the training kit
+(FSDP wrapping, atomic checkpoints, metrics.jsonl) that grpo.py reuses.
 
-    python sft.py                                   # the embedded demo's base: tiny model, easy synthetic problems
-    python sft.py --model runs/base --steps 300 --lr 3e-4 --warmup 0 --data-seed 1 --jump 0.7 \\
-        --out runs/sft1                             # the demo's SFT1 (grpo.SFT_FROM_BASE)
-    python sft.py --model Qwen2.5-VL-7B-Instruct --data traces.jsonl --freeze-vision --steps 0 \\
-        --epochs 1 --lr 5e-6 --min-lr 0 --warmup 0.1 --beta2 0.999 --batch-size 32 \\
-        --micro-batch-size 2 --activation-checkpointing --out runs/sft1     # the real recipe
-    torchrun --nproc_per_node=8 sft.py --model DIR --data FILE ...   # FSDP2, one shard per GPU
-    python sft.py ... --resume                      # continue from the latest checkpoint in --out
+    python sft.py                    # the demo's base: a tiny VLM from scratch -> runs/base
+    torchrun --nproc_per_node=8 sft.py --model DIR --data FILE ...   # FSDP2; the recipe: README
+    python sft.py ... --resume       # continue from the latest checkpoint in --out
 
 The loss, once: for the trained positions t of the global batch (the assistant reply and its
-closing <|im_end|>, in every row, every micro-batch and every rank of one optimizer step),
+closing <|im_end|>, in every row, micro-batch and rank of one optimizer step),
 
-    loss = sum_t -log p(x_t | x_<t) / N,     N = number of trained positions in the global batch.
+    loss = sum_t -log p(x_t | x_<t) / N,     N = trained positions in the global batch,
 
-Each micro-batch contributes its sum divided by the global N (counted and all-reduced before the
-first backward), so accumulation and data parallelism give exactly the per-token mean of the
-whole batch: a long reply weighs more than a short one, as in the paper's trainer (token mean).
-Prompt, image and padding positions never reach the loss, so their gradient is exactly zero.
+so accumulation and data parallelism give exactly the per-token mean of the whole batch (a long
+reply weighs more than a short one, as in the paper's trainer). Prompt, image and padding
+positions never reach the loss.
 
-Outputs, in --out (default runs/base): the final model in the HF layout (config.json,
-model.safetensors, tokenizer files: `load_model`, `eval.py --model`, and transformers load it),
-metrics.jsonl (one line per step: step, loss, lr, grad_norm, tokens, tokens_per_s, elapsed), and
-checkpoints/step_NNNNNN/ (the same HF layout + optimizer/ + trainer_state.pt) every --save-every
-steps and at the end, each written to a .tmp directory and renamed into place when complete.
-
-Distributed: `fully_shard` (FSDP2) on each decoder layer, each vision block, then the root (which
-keeps the embedding and the tied lm_head together). gloo on CPU, nccl on CUDA. A single process
-runs the plain model (no process group, no wrapping): the same math with nothing in between.
-
-The embedded demo's base (`python sft.py`, no flags): a 0.85M-parameter tiny Qwen2.5-VL built from
-scratch (DEMO_TINY), 2000 steps of 32 easy synthetic problems (24000 made in memory: under 3
-epochs; 8000 were memorized: 34% vs 41% at the same cost, one seed each), AdamW lr 3e-3, then greedy accuracy
-on the 400 held-out test problems (easy and hard mixed). Measured on the 2-core CPU with nothing
-else running (a slow AVX2 one): 10.1 min wall-clock, 90.2% (table 98, bars 91, count 80,
-geometry 92; easy 98, hard 82.5). With the earlier byte-level tokenizer (180 tokens a row
-instead of 85) it took 19.2 min there and reached 76.75%. Families move by +-10-20 points
-between runs (multiple-choice geometry ranged 52-94% on easy over four runs of nearly this
-world), so one run says little about one family. The world's grammar was shaped by
-what such a model learns in the budget (see data.py's world notes): with bars read left to
-right, digit tables and a letter recalled for multiple choice, the same run gave 39%.
-This model stands in for the real recipe's downloaded Qwen2.5-VL-Instruct: the demo's SFT1 and
-SFT2 are short fine-tunes of it (300 steps at lr 3e-4), SFT1 on traces that mostly jump to the
-value without the work (--jump 0.7, data.jump_trace), as in grpo.staircase.
+Outputs in --out: the final model in the HF layout (config.json, model.safetensors, tokenizer
+files: load_model, eval.py and transformers read it), metrics.jsonl (a line per step), and
+checkpoints/step_N/ (the same + optimizer/ + trainer_state.pt), each written to a .tmp
+directory and renamed into place when complete. One process runs the plain model (no process
+group, no wrapping). How it departs from the paper's trainer: no packing (padded micro-batches);
+the logits are formed at the trained positions only.
 """
 
 import argparse
@@ -61,64 +37,143 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from tqdm import tqdm
+
 import data
+import eval as E
 import model as M
+from eval import all_reduce_sum, barrier, dist_cleanup, dist_init, is_main, print0, rank_world
 
 IGNORE_INDEX = data.IGNORE_INDEX
-# the demo's tiny model: data.TINY with a narrower language model (64 wide instead of 128), which
-# makes a step 1.7x cheaper; in the same 10 minutes the extra steps matter more than the width
-DEMO_TINY = "hidden_size=64,num_attention_heads=2,num_key_value_heads=1,intermediate_size=192"
+GRAD_CLIP = 1.0  # the global gradient norm is clipped to this, as in the paper's trainer
+# the demo's tiny model: data.TINY with a narrower language model (64 wide instead of 128): a
+# step is cheaper, and in a CPU budget the extra steps matter more than the width
+DEMO_TINY = dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, intermediate_size=192)
 
 # -----------------------------------------------------------------------------
-# the distributed kit (grpo.py and eval.py import these)
+# the loss
 
 
-def dist_init(device=None):
-    """-> (rank, world_size, device). Under torchrun (RANK/WORLD_SIZE set): join the process
-    group, gloo on CPU, nccl on CUDA (one GPU per local rank). Otherwise one plain process on
-    `device` (default: cuda if available, else cpu), no process group. Idempotent."""
-    device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device)
+def loss_positions(labels):
+    """(B, T) bool: the positions whose next token is trained (position t predicts token t + 1;
+    the last position predicts nothing). Pass it as model(..., logits=mask) to get the logits
+    of those positions only, (N, vocab), in sft_loss's order."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return keep
+
+
+def sft_loss(logits_or_hidden, labels, n_tokens_global, lm_head=None):
+    """Sum of the cross-entropy over the trained tokens of this micro-batch, divided by the number
+    of trained tokens of the whole global batch (all micro-batches, all ranks): see the top.
+
+    logits_or_hidden: (B, T, V) logits; or (B, T, C) final hidden states with lm_head (a Linear
+    or its (V, C) weight); or (N, V) logits of the loss_positions(labels) only (what training
+    uses: the (B, T, V) logits of the prompt and padding are never formed). labels (B, T) with
+    IGNORE_INDEX where nothing is trained."""
+    y = labels[:, 1:]
+    y = y[y != IGNORE_INDEX]                                   # (N,) row by row
+    x = logits_or_hidden
+    if x.dim() == 3:
+        x = x[loss_positions(labels).to(x.device)]             # (N, V or C), the same order
+        if lm_head is not None:
+            x = F.linear(x, lm_head.weight if hasattr(lm_head, "weight") else lm_head)
+    return F.cross_entropy(x.float(), y.to(x.device), reduction="sum") / n_tokens_global
+
+
+def trained_tokens(labels):
+    """The trained tokens of a (B, T) label tensor: N of sft_loss, for this micro-batch."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+# -----------------------------------------------------------------------------
+# data: records -> kept rows (length-checked) -> global batches in a fixed order
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or the gradient norm is NaN or infinite: the run stops before the update."""
+
+
+class BadData(ValueError):
+    """A malformed, solution-less or over-long row under --strict, or no trainable rows at all."""
+
+
+def encoded_length(tokenizer, question, answer, images, min_pixels, max_pixels):
+    """len(encode_sft(...)["input_ids"]) without processing any pixels: the text is tokenized and
+    each image counts its merged tokens from its size (a file is opened for its header only)."""
+    from PIL import Image
+    text = len(tokenizer(data.prompt_text(tokenizer, question, len(images)), add_special_tokens=False)["input_ids"])
+    n = text - len(images)  # each <|image_pad|> placeholder is one token before expansion
+    for im in images:
+        if isinstance(im, Image.Image):
+            w, h = im.size
         else:
-            dist.init_process_group("gloo")
-    return dist.get_rank(), dist.get_world_size(), device
+            with Image.open(im) as f:
+                w, h = f.size
+        rh, rw = data.smart_resize(h, w, data.FACTOR, min_pixels, max_pixels)
+        n += (rh // data.FACTOR) * (rw // data.FACTOR)
+    return n + len(tokenizer(answer, add_special_tokens=False)["input_ids"]) + 1
 
 
-def dist_cleanup():
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def filter_records(records, tokenizer, max_seq_len, suffix, min_pixels, max_pixels, strict=False):
+    """-> (kept records, {reason: count}). A row without a solution, or longer than max_seq_len
+    tokens, is skipped and counted; with strict it is an error naming the row."""
+    kept, skipped = [], {}
+    for r in records:
+        why = None
+        if not isinstance(r.get("solution"), str) or not r["solution"]:
+            why = "no solution"
+        else:
+            n = encoded_length(tokenizer, data.format_question(r, suffix), r["solution"], r["images"],
+                               min_pixels, max_pixels)
+            if n > max_seq_len:
+                why = "longer than --max-seq-len"
+                if strict:
+                    raise BadData(f"row {r.get('id')!r} ({r.get('source', '?')}): {n} tokens > "
+                                     f"--max-seq-len {max_seq_len} (drop --strict to skip such rows)")
+        if why is None:
+            kept.append(r)
+            continue
+        if strict:
+            raise BadData(f"row {r.get('id')!r} ({r.get('source', '?')}): {why}")
+        skipped[why] = skipped.get(why, 0) + 1
+    return kept, skipped
 
 
-def rank_world():
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+class BatchOrder:
+    """Row indices of global batch `step`: the rows are an endless stream of epochs, each a
+    permutation drawn from (seed, epoch). A pure function of the step, so a resumed run sees
+    exactly the rows it would have seen."""
+
+    def __init__(self, n, batch_size, seed):
+        self.n, self.batch_size, self.seed, self._perm = n, batch_size, seed, {}
+
+    def perm(self, epoch):
+        if epoch not in self._perm:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = {epoch: torch.randperm(self.n, generator=g).tolist()}
+        return self._perm[epoch]
+
+    def __call__(self, step):
+        return [self.perm(i // self.n)[i % self.n]
+                for i in range(step * self.batch_size, (step + 1) * self.batch_size)]
 
 
-def is_main():
-    return rank_world()[0] == 0
+def micro_batches(rows, rank, world, micro):
+    """This rank's share of a global batch (a contiguous block), cut into micro-batches."""
+    per_rank = len(rows) // world
+    mine = rows[rank * per_rank:(rank + 1) * per_rank]
+    return [mine[i:i + micro] for i in range(0, len(mine), micro)]
 
 
-def print0(*args, **kwargs):
-    if is_main():
-        print(*args, **kwargs, flush=True)
+def encode_batch(tokenizer, rows, pad_id, suffix, device, **px):
+    """Records with a solution -> one padded SFT micro-batch (ids, labels, images) on device."""
+    encs = [data.encode_sft(tokenizer, data.format_question(r, suffix), r["solution"], r["images"], **px)
+            for r in rows]
+    return {k: v.to(device) for k, v in data.collate(encs, pad_id).items()}
 
 
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def all_reduce_sum(x):
-    """Sum a tensor over ranks (in place, returns it); a no-op in one process."""
-    if dist.is_initialized():
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-    return x
+# -----------------------------------------------------------------------------
+# the training kit: FSDP2 wrapping, checkpoints, metrics, the schedule (grpo.py imports these)
 
 
 def is_sharded(model):
@@ -321,133 +376,11 @@ def cosine_lr(step, total, warmup, lr, min_lr=0.0):
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 # -----------------------------------------------------------------------------
-# the loss
-
-
-def loss_positions(labels):
-    """(B, T) bool: the positions whose next token is trained (position t predicts token t + 1;
-    the last position predicts nothing). Pass it as model(..., logits=mask) to get the logits
-    of those positions only, (N, vocab), in sft_loss's order."""
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    return keep
-
-
-def sft_loss(logits_or_hidden, labels, n_tokens_global, lm_head=None):
-    """Sum of the cross-entropy over the trained tokens of this micro-batch, divided by the number
-    of trained tokens of the whole global batch (all micro-batches, all ranks): see the top.
-
-    logits_or_hidden: (B, T, V) logits; or (B, T, C) final hidden states with lm_head (a Linear
-    or its (V, C) weight); or (N, V) logits of the loss_positions(labels) only (what training
-    uses: the (B, T, V) logits of the prompt and padding are never formed). labels (B, T) with
-    IGNORE_INDEX where nothing is trained."""
-    y = labels[:, 1:]
-    y = y[y != IGNORE_INDEX]                                   # (N,) row by row
-    x = logits_or_hidden
-    if x.dim() == 3:
-        x = x[loss_positions(labels).to(x.device)]             # (N, V or C), the same order
-        if lm_head is not None:
-            x = F.linear(x, lm_head.weight if hasattr(lm_head, "weight") else lm_head)
-    return F.cross_entropy(x.float(), y.to(x.device), reduction="sum") / n_tokens_global
-
-
-def trained_tokens(labels):
-    """The trained tokens of a (B, T) label tensor: N of sft_loss, for this micro-batch."""
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
-
-# -----------------------------------------------------------------------------
-# data: records -> kept rows (length-checked) -> global batches in a fixed order
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss or the gradient norm is NaN or infinite: the run stops before the update."""
-
-
-class BadData(ValueError):
-    """A malformed, solution-less or over-long row under --strict, or no trainable rows at all."""
-
-
-def encoded_length(tokenizer, question, answer, images, min_pixels, max_pixels):
-    """len(encode_sft(...)["input_ids"]) without processing any pixels: the text is tokenized and
-    each image counts its merged tokens from its size (a file is opened for its header only)."""
-    from PIL import Image
-    text = len(tokenizer(data.prompt_text(tokenizer, question, len(images)), add_special_tokens=False)["input_ids"])
-    n = text - len(images)  # each <|image_pad|> placeholder is one token before expansion
-    for im in images:
-        if isinstance(im, Image.Image):
-            w, h = im.size
-        else:
-            with Image.open(im) as f:
-                w, h = f.size
-        rh, rw = data.smart_resize(h, w, data.FACTOR, min_pixels, max_pixels)
-        n += (rh // data.FACTOR) * (rw // data.FACTOR)
-    return n + len(tokenizer(answer, add_special_tokens=False)["input_ids"]) + 1
-
-
-def filter_records(records, tokenizer, max_seq_len, suffix, min_pixels, max_pixels, strict=False):
-    """-> (kept records, {reason: count}). A row without a solution, or longer than max_seq_len
-    tokens, is skipped and counted; with strict it is an error naming the row."""
-    kept, skipped = [], {}
-    for r in records:
-        why = None
-        if not isinstance(r.get("solution"), str) or not r["solution"]:
-            why = "no solution"
-        else:
-            n = encoded_length(tokenizer, data.format_question(r, suffix), r["solution"], r["images"],
-                               min_pixels, max_pixels)
-            if n > max_seq_len:
-                why = "longer than --max-seq-len"
-                if strict:
-                    raise BadData(f"row {r.get('id')!r} ({r.get('source', '?')}): {n} tokens > "
-                                     f"--max-seq-len {max_seq_len} (drop --strict to skip such rows)")
-        if why is None:
-            kept.append(r)
-            continue
-        if strict:
-            raise BadData(f"row {r.get('id')!r} ({r.get('source', '?')}): {why}")
-        skipped[why] = skipped.get(why, 0) + 1
-    return kept, skipped
-
-
-class BatchOrder:
-    """Row indices of global batch `step`: the rows are an endless stream of epochs, each a
-    permutation drawn from (seed, epoch). A pure function of the step, so a resumed run sees
-    exactly the rows it would have seen."""
-
-    def __init__(self, n, batch_size, seed):
-        self.n, self.batch_size, self.seed, self._perm = n, batch_size, seed, {}
-
-    def perm(self, epoch):
-        if epoch not in self._perm:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm = {epoch: torch.randperm(self.n, generator=g).tolist()}
-        return self._perm[epoch]
-
-    def __call__(self, step):
-        return [self.perm(i // self.n)[i % self.n]
-                for i in range(step * self.batch_size, (step + 1) * self.batch_size)]
-
-
-def micro_batches(rows, rank, world, micro):
-    """This rank's share of a global batch (a contiguous block), cut into micro-batches."""
-    per_rank = len(rows) // world
-    mine = rows[rank * per_rank:(rank + 1) * per_rank]
-    return [mine[i:i + micro] for i in range(0, len(mine), micro)]
-
-
-def encode_batch(tokenizer, rows, pad_id, suffix, device, **px):
-    """Records with a solution -> one padded SFT micro-batch (ids, labels, images) on device."""
-    encs = [data.encode_sft(tokenizer, data.format_question(r, suffix), r["solution"], r["images"], **px)
-            for r in rows]
-    return {k: v.to(device) for k, v in data.collate(encs, pad_id).items()}
-
-
-# -----------------------------------------------------------------------------
 # the training loop
 
 
-def backward_sft(model, batches, n_global, world, autocast, coef=1.0):
-    """Backpropagate coef x the SFT loss of this rank's micro-batches, each one's part of the
+def backward_sft(model, batches, n_global, world, autocast):
+    """Backpropagate the SFT loss of this rank's micro-batches, each one's part of the
     global token mean (n_global: trained tokens of the global batch). Returns this rank's part of
     the loss (float64; the parts of all ranks sum to the global loss)."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=batches[0]["labels"].device)
@@ -460,102 +393,130 @@ def backward_sft(model, batches, n_global, world, autocast, coef=1.0):
             loss = sft_loss(logits, b["labels"], n_global)
         # FSDP averages gradients over ranks; the loss is already a global mean, so scale by
         # the world size to turn that average back into the sum over ranks
-        (coef * loss * world).backward()
+        (loss * world).backward()
         loss_sum += loss.detach()
     return loss_sum
 
 
-def build_model(args, device):
-    """(model float32 on CPU, tokenizer): from --model DIR, or --model tiny built from scratch."""
+def build_model(args):
+    """(model float32 on CPU in train mode, tokenizer): from --model DIR, or --model tiny built
+    from scratch (data.TINY with DEMO_TINY's sizes, initialized from --seed)."""
     if args.model == "tiny":
         tok = data.build_tiny_tokenizer()
-        overrides = {}
-        for kv in filter(None, (args.tiny or "").split(",")):
-            k, v = kv.split("=")
-            if k not in data.TINY:
-                raise ValueError(f"--tiny: unknown size {k!r} (known: {', '.join(data.TINY)})")
-            overrides[k] = json.loads(v)
         torch.manual_seed(args.seed)
-        model = M.Qwen2_5_VL(data.tiny_config(tok, **overrides)).init_weights(seed=args.seed)
-        return model, tok
-    return M.load_model(args.model, dtype=torch.float32, device="cpu"), data.load_tokenizer(args.model)
-
-
-def load_train_records(args):
-    if args.data:
-        try:
-            return data.load_records(args.data, skip_bad=not args.strict)
-        except ValueError as e:
-            raise BadData(str(e)) from e
-    return data.synth_records(args.n_train, args.level, args.data_seed, jump=args.jump), 0
-
-
-def train(args):
-    """One training run (the process group, if any, is already up). Returns a summary dict."""
-    rank, world, device = dist_init(args.device)
-    t_start = time.time()
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype) or (
-        torch.bfloat16 if device.type == "cuda" else torch.float32)
-    bf16 = dtype == torch.bfloat16
-    micro = args.micro_batch_size or args.batch_size // world
-    if micro < 1 or args.batch_size % (micro * world):
-        raise ValueError(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size "
-                         f"{micro} x {world} processes")
-    accum = args.batch_size // (micro * world)
-    suffix = data.SUFFIXES.get(args.suffix, args.suffix)
-    px = dict(min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-
-    # where we start: a checkpoint of this run (--resume), or the base model
-    resume_from = latest_checkpoint(args.out) if args.resume else None
-    if args.resume and resume_from is None:
-        print0(f"--resume: no checkpoint in {args.out}/checkpoints, starting from scratch")
-    model, tok = build_model(args, device)
+        model = M.Qwen2_5_VL(data.tiny_config(tok, **DEMO_TINY)).init_weights(seed=args.seed)
+    else:
+        model, tok = M.load_model(args.model, dtype=torch.float32, device="cpu"), data.load_tokenizer(args.model)
     if args.freeze_vision and getattr(model, "visual", None) is not None:
         model.visual.requires_grad_(False)  # the real recipe: vision tower and merger frozen
     model.model.gradient_checkpointing = args.activation_checkpointing
-    model.train()
+    return model.train(), tok
 
-    records, n_bad = load_train_records(args)
-    rows, skipped = filter_records(records, tok, args.max_seq_len, suffix, **px, strict=args.strict)
+
+def load_rows(args, tok, suffix):
+    """The training rows: --data (or the synthetic problems) with a solution and within
+    --max-seq-len; the others are skipped and counted (an error under --strict)."""
+    if args.data:
+        try:
+            records, n_bad = data.load_records(args.data, skip_bad=not args.strict)
+        except ValueError as e:
+            raise BadData(str(e)) from e
+    else:
+        records, n_bad = data.synth_records(args.n_train, args.level, args.data_seed, jump=args.jump), 0
+    rows, skipped = filter_records(records, tok, args.max_seq_len, suffix, data.MIN_PIXELS, args.max_pixels,
+                                   strict=args.strict)
     if n_bad:
         skipped["malformed"] = n_bad
     if not rows:
         raise BadData(f"no trainable rows (skipped: {skipped})")
     if skipped:
         print0(f"skipped {sum(skipped.values())} rows: " + ", ".join(f"{v} {k}" for k, v in skipped.items()))
+    return rows, skipped
+
+
+def resume(args, model, opt, path, total, n_rows):
+    """Restore this run's checkpoint `path` (weights, optimizer, RNG) -> the step to start from."""
+    state = load_checkpoint(path, model, opt)
+    print0(f"resumed from {path} at step {state['step']}")
+    was = (state["extra"].get("total_steps"), state["extra"].get("rows"))
+    if was != (total, n_rows):
+        print0(f"warning: the checkpoint's run had (steps, rows) = {was}, this one {(total, n_rows)}: "
+               f"the learning rate schedule or the data order will differ")
+    return state["step"]
+
+
+def train_step(model, opt, params, batches, args, world, autocast, last_ckpt, step):
+    """One optimizer step on this rank's micro-batches of the global batch -> (loss, grad norm,
+    trained tokens, all tokens), both counts over all ranks. Stops before the update on a
+    non-finite loss or gradient norm, naming the last good checkpoint."""
+    device = batches[0]["labels"].device
+    # N: trained tokens of the global batch, known before the first backward
+    counts = torch.tensor([sum(trained_tokens(b["labels"]) for b in batches),
+                           sum(int(b["attention_mask"].sum()) for b in batches)], dtype=torch.float64, device=device)
+    n_global, tokens_global = (int(x) for x in all_reduce_sum(counts).tolist())
+    loss = all_reduce_sum(backward_sft(model, batches, n_global, world, autocast)).item()
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(f"loss is {loss} at step {step + 1}: stopping before the update. The last good "
+                            f"checkpoint is {last_ckpt or '(none)'}"
+                            + ("; continue with --resume (maybe a lower --lr)" if last_ckpt else ""))
+    grad_norm = clip_grad_norm(params, GRAD_CLIP)
+    if not math.isfinite(grad_norm):
+        raise NonFiniteLoss(f"gradient norm is {grad_norm} at step {step + 1} (loss {loss:.4f}): stopping "
+                            f"before the update. The last good checkpoint is {last_ckpt or '(none)'}")
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss, grad_norm, n_global, tokens_global
+
+
+def final_eval(model, tok, args, suffix, autocast, rank, world):
+    """Greedy accuracy on the first --eval-n held-out synthetic problems -> summary (eval.json)."""
+    recs = data.synth_test_records(args.eval_n)
+    t0 = time.time()
+    with autocast:
+        _, s = E.evaluate(model, tok, recs, batch_size=100, max_new_tokens=192, suffix=suffix,
+                          max_pixels=args.max_pixels, rank=rank, world_size=world)
+    print0(E.format_summary(s))
+    print0(f"evaluated {len(recs)} items in {time.time() - t0:.1f}s")
+    if is_main():
+        with open(os.path.join(args.out, "eval.json"), "w") as f:
+            json.dump(s, f, indent=1)
+    return s
+
+
+def train(args):
+    """One training run (the process group, if any, is already up). Returns a summary dict."""
+    rank, world, device = dist_init(args.device)
+    t_start = time.time()
+    bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
+    micro = args.micro_batch_size or args.batch_size // world
+    if micro < 1 or args.batch_size % (micro * world):
+        raise ValueError(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size "
+                         f"{micro} x {world} processes")
+    suffix = data.SUFFIXES.get(args.suffix, args.suffix)
+    px = dict(min_pixels=data.MIN_PIXELS, max_pixels=args.max_pixels)
+    resume_from = latest_checkpoint(args.out) if args.resume else None
+    if args.resume and resume_from is None:
+        print0(f"--resume: no checkpoint in {args.out}/checkpoints, starting from scratch")
+    model, tok = build_model(args)
+    rows, skipped = load_rows(args, tok, suffix)
     total = args.steps or math.ceil(args.epochs * len(rows) / args.batch_size)
     warmup = round(args.warmup * total) if args.warmup < 1 else int(args.warmup)
     order = BatchOrder(len(rows), args.batch_size, args.data_seed)
-
     model = shard_model(model, device, bf16)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(args.beta1, args.beta2), eps=1e-8,
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, args.beta2), eps=1e-8,
                             weight_decay=args.weight_decay, foreach=True)
-    start = 0
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, model, opt)
-        start = state["step"]
-        print0(f"resumed from {resume_from} at step {start}")
-        was = (state["extra"].get("total_steps"), state["extra"].get("rows"))
-        if was != (total, len(rows)):
-            print0(f"warning: the checkpoint's run had (steps, rows) = {was}, this one {(total, len(rows))}: "
-                   f"the learning rate schedule or the data order will differ")
-    n_params = sum(p.numel() for p in model.parameters())
-    n_train = sum(p.numel() for p in params)
-    print0(f"model {n_params / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trained), {len(rows)} rows, "
-           f"{total} steps of {args.batch_size} rows ({world} x {accum} x {micro}), "
-           f"{'bf16' if bf16 else 'fp32'} on {device}")
+    start = resume(args, model, opt, resume_from, total, len(rows)) if resume_from else 0
+    print0(f"model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters ({sum(p.numel() for p in params) / 1e6:.2f}M "
+           f"trained), {len(rows)} rows, {total} steps of {args.batch_size} rows ({world} x "
+           f"{args.batch_size // (micro * world)} x {micro}), {'bf16' if bf16 else 'fp32'} on {device}")
     logger = MetricsLogger(os.path.join(args.out, "metrics.jsonl"), resume_step=start if resume_from else None)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     # bf16 in one process: autocast (FSDP's MixedPrecisionPolicy does it on several)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and world == 1)
-
-    from tqdm import tqdm
+    stop_at = min(total, start + args.stop_after) if args.stop_after else total
     bar = tqdm(total=total, initial=start, desc="sft", disable=not is_main(), dynamic_ncols=True)
-    last_ckpt, loss_val, stop_at = resume_from, float("nan"), total
-    if args.stop_after:
-        stop_at = min(total, start + args.stop_after)
-    t_run = time.time()
+    last_ckpt, loss, t_run = resume_from, float("nan"), time.time()
     for step in range(start, stop_at):
         t0 = time.time()
         lr = cosine_lr(step, total, warmup, args.lr, args.min_lr)
@@ -563,60 +524,27 @@ def train(args):
             g["lr"] = lr
         batches = [encode_batch(tok, [rows[i] for i in mb], pad_id, suffix, device, **px)
                    for mb in micro_batches(order(step), rank, world, micro)]
-        # N: trained tokens of the global batch, known before the first backward
-        counts = torch.tensor([sum(trained_tokens(b["labels"]) for b in batches),
-                               sum(int(b["attention_mask"].sum()) for b in batches)],
-                              dtype=torch.float64, device=device)
-        n_global, tokens_global = (int(x) for x in all_reduce_sum(counts).tolist())
-        loss_val = all_reduce_sum(backward_sft(model, batches, n_global, world, autocast)).item()
-        if not math.isfinite(loss_val):
-            raise NonFiniteLoss(
-                f"loss is {loss_val} at step {step + 1}: stopping before the update. The last good "
-                f"checkpoint is {last_ckpt or '(none)'}"
-                + (f"; continue with --resume (maybe a lower --lr)" if last_ckpt else ""))
-        grad_norm = clip_grad_norm(params, args.grad_clip)
-        if not math.isfinite(grad_norm):
-            raise NonFiniteLoss(f"gradient norm is {grad_norm} at step {step + 1} (loss {loss_val:.4f}): "
-                                f"stopping before the update. The last good checkpoint is {last_ckpt or '(none)'}")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        dt = time.time() - t0
-        logger.log(step=step + 1, loss=loss_val, lr=lr, grad_norm=grad_norm, tokens=n_global,
-                   tokens_per_s=tokens_global / dt, elapsed=time.time() - t_start)
-        bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.2f}", refresh=False)
+        loss, grad_norm, n_tok, n_all = train_step(model, opt, params, batches, args, world, autocast, last_ckpt, step)
+        logger.log(step=step + 1, loss=loss, lr=lr, grad_norm=grad_norm, tokens=n_tok,
+                   tokens_per_s=n_all / (time.time() - t0), elapsed=time.time() - t_start)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.2f}", refresh=False)
         bar.update(1)
-        done = step + 1
-        if done == stop_at or (args.save_every and done % args.save_every == 0):
-            path = checkpoint_dir(args.out, done)
-            save_checkpoint(model, tok, path, opt, step=done,
-                            extra=dict(total_steps=total, rows=len(rows), world_size=world))
+        if step + 1 == stop_at or (args.save_every and (step + 1) % args.save_every == 0):
+            last_ckpt = checkpoint_dir(args.out, step + 1)
+            save_checkpoint(model, tok, last_ckpt, opt, step + 1, dict(total_steps=total, rows=len(rows), world_size=world))
             prune_checkpoints(args.out, args.keep_checkpoints)
-            last_ckpt = path
     bar.close()
     logger.close()
-    train_s = time.time() - t_run
-    finished = stop_at == total
-    summary = dict(steps=stop_at, total_steps=total, loss=loss_val, rows=len(rows), skipped=skipped,
-                   train_seconds=train_s, checkpoint=last_ckpt)
-    if not finished:
+    summary = dict(steps=stop_at, total_steps=total, loss=loss, rows=len(rows), skipped=skipped,
+                   train_seconds=time.time() - t_run, checkpoint=last_ckpt)
+    if stop_at < total:
         print0(f"stopped after step {stop_at} of {total} (--stop-after); continue with --resume")
         return summary
     export_model(model, tok, args.out)
-    print0(f"trained {total - start} steps in {train_s:.1f}s; final loss {loss_val:.4f}; model in {args.out}")
-    if args.eval_n and (args.eval_data or not args.data):
-        import eval as E
-        recs = data.synth_test_records(args.eval_n) if not args.eval_data else data.load_records(args.eval_data)[0]
-        t0 = time.time()
-        with autocast:
-            results, s = E.evaluate(model, tok, recs, args.eval_batch_size, args.eval_max_new_tokens,
-                                    suffix=suffix, max_pixels=args.max_pixels, min_pixels=args.min_pixels,
-                                    rank=rank, world_size=world)
-        print0(E.format_summary(s))
-        print0(f"evaluated {len(recs)} items in {time.time() - t0:.1f}s")
-        summary["eval"] = s
-        if is_main():
-            with open(os.path.join(args.out, "eval.json"), "w") as f:
-                json.dump(s, f, indent=1)
+    print0(f"trained {total - start} steps in {summary['train_seconds']:.1f}s; final loss {loss:.4f}; "
+           f"model in {args.out}")
+    if args.eval_n and not args.data:
+        summary["eval"] = final_eval(model, tok, args, suffix, autocast, rank, world)
     summary["seconds"] = time.time() - t_start
     print0(f"total wall-clock {summary['seconds']:.1f}s")
     return summary
@@ -645,7 +573,6 @@ def parser():
     a = p.add_argument
     a("--model", default="tiny", help="base checkpoint directory (HF layout, with tokenizer), or 'tiny' "
                                       "to build the tiny model and tokenizer from scratch")
-    a("--tiny", default=DEMO_TINY, help="'tiny' model sizes overriding data.TINY (comma-separated key=value)")
     a("--data", default=None, help="training JSONL (any format data.load_records reads; the target is "
                                    "each record's solution); default: synthetic problems made in memory")
     a("--n-train", type=int, default=24000, help="synthetic training problems (without --data)")
@@ -665,13 +592,10 @@ def parser():
     a("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine")
     a("--warmup", type=float, default=0.05, help="warmup steps (< 1: a fraction of the steps)")
     a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    a("--beta1", type=float, default=0.9, help="AdamW beta1")
     a("--beta2", type=float, default=0.95, help="AdamW beta2")
-    a("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (0: off)")
     a("--max-seq-len", type=int, default=4096, help="rows longer than this (tokens) are skipped and counted")
     a("--strict", action="store_true", help="a malformed, solution-less or over-long row is an error, not skipped")
     a("--max-pixels", type=int, default=512 * 512, help="image resize cap, pixels")
-    a("--min-pixels", type=int, default=data.MIN_PIXELS, help="image resize floor, pixels")
     a("--freeze-vision", action="store_true", help="train the language model only (vision tower and merger frozen)")
     a("--activation-checkpointing", action="store_true", help="recompute decoder layers in backward (less memory)")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
@@ -685,9 +609,6 @@ def parser():
                                                  "time limit); continue with --resume")
     a("--eval-n", type=int, default=400, help="at the end, evaluate on this many held-out synthetic test "
                                               "problems, when training on synthetic ones (0: no evaluation)")
-    a("--eval-data", default=None, help="evaluate on this file instead of the synthetic test split")
-    a("--eval-batch-size", type=int, default=100, help="prompts per generation call in the evaluation")
-    a("--eval-max-new-tokens", type=int, default=192, help="completion budget in the evaluation, tokens")
     return p
 
 

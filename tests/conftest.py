@@ -6,18 +6,15 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture(scope="session", autouse=True)
-def one_thread():
+def pytest_configure(config):
     """Every test runs torch on one thread: the models are tiny, so one thread is as fast, and far
     faster when other processes share the 2 cores (OpenMP threads spin-wait on each other). The
     torchrun workers run with OMP_NUM_THREADS=1 too, so in-process runs they are compared with
     differ from them only by the order of gradient sums across ranks (~1e-7), not by the
     matmul blocking that 2 threads change (~1e-6 after 3 Adam steps)."""
     import torch
-    n = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
 
 
 # the micro model of the sft/grpo tests: a few thousand parameters, every part of the real shape
@@ -36,10 +33,6 @@ def world(tmp_path_factory, request):
     data.make_tiny_checkpoint(ckpt, seed=0, **MICRO)
     data.write_split(ds, n=getattr(request.module, "WORLD_ROWS", 20), level="easy", seed=0, image_size=56)
     return dict(root=root, model=ckpt, data=os.path.join(ds, "data.jsonl"))
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
-# The checks a session runs when it is lent a GPU, in one call of at most 9.3 minutes (the sum of
-# the steps' time limits; not yet run on a GPU); each step's output goes to $OUT/<step>.log (default
+# The checks that need a GPU, in one call of at most 9.3 minutes (the sum of the steps' time
+# limits); each step's output goes to $OUT/<step>.log (default
 # ./gpu_out), and a failed or timed-out step does not stop the others (a cut GRPO run still returns
 # the metrics of the rollouts it finished).
 #
-#   OUT=/tmp/gpu bash tests/bench/gpu_session.sh            # on the GPU machine, from the repo root
-#   DEVICE=cpu SMOKE=1 bash tests/bench/gpu_session.sh      # the same steps, tiny, on a CPU (tried here)
+#   OUT=/tmp/gpu bash tests/bench/gpu_checks.sh            # on the GPU machine, from the repo root
+#   DEVICE=cpu SMOKE=1 bash tests/bench/gpu_checks.sh      # the same steps, tiny, on a CPU
 #
 # Needs runs/sft1 (the demo's SFT model; 3.3 MB, carry it to the machine) for the GRPO steps, and
-# torch, transformers and pytest on the machine (the device tool's notes list what it has).
+# torch, transformers and pytest on the machine.
 #   1. the tests marked cuda (bf16 SFT and GRPO, the sampler on CUDA)
 #   2. torchrun grpo.py on CUDA (nccl, bf16), 5 rollouts from runs/sft1
 #   3. bench_grpo_rows.py and bench_sampler.py on the device (small model)
 #   4. the demo's GRPO at 16x the CPU demo's batch: 256 mixed prompts x 8 per step, lr 3e-4, 100
-#      rollouts, the held-out test every 25 (does GRPO's gain grow with the batch? README, Status)
+#      rollouts, the held-out test every 25 (does GRPO's gain grow with the batch?)
 set -u
 DEVICE=${DEVICE:-cuda}
 OUT=${OUT:-gpu_out}
