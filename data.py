@@ -257,8 +257,9 @@ def collate(items, pad_id, padding_side="right"):
     batch = dict(input_ids=input_ids, attention_mask=attention_mask)
     if has_labels:
         batch["labels"] = labels
-    batch["pixel_values"] = torch.cat([it["pixel_values"] for it in items])
-    batch["image_grid_thw"] = torch.cat([it["image_grid_thw"].reshape(-1, 3) for it in items])
+    pv = [it["pixel_values"] for it in items if it.get("pixel_values") is not None and len(it["pixel_values"])]
+    batch["pixel_values"] = torch.cat(pv) if pv else None  # None: a text-only batch
+    batch["image_grid_thw"] = torch.cat([it["image_grid_thw"].reshape(-1, 3) for it in items]) if pv else None
     return batch
 
 # -----------------------------------------------------------------------------
@@ -831,7 +832,6 @@ def traces_main(argv=None):
 # - a word the trace looks up is the same token as in the question ("the blue column", " blue").
 # Layout: every scene lies on the 4x4 grid of 28x28-pixel merged tokens, one thing per token.
 # Levels: easy (few objects, short listings) for SFT; hard (more of them, same grammar) for GRPO.
-# make_split(..., jump=f): a fraction f of traces read, then jump to the value (jump_trace).
 # Determinism: problem i of a split uses random.Random(f"{split}:{seed}:{i}") (a string seed is
 # hashed with SHA-512, whatever PYTHONHASHSEED), so no two splits share a generator and record i
 # does not depend on n.
@@ -1164,23 +1164,9 @@ def make_problem(family, level, rng, image_size=IMAGE_SIZE):
     return prob
 
 
-def jump_trace(solution):
-    """The same reading, then a jump to the value without the work: '<think>the blue column: 3 1 2.
-    so 6.</think> The sum is 6. <answer>6</answer>' (the work, '3+1=4 4+2=6.', is skipped; for
-    multiple choice also the option checks, so the letter is recalled, not found)."""
-    think, rest = solution[len("<think>"):].split("</think> ", 1)
-    summary, answer = rest.split(" <answer>")
-    reading = think.split(". ", 1)[0].rstrip(".") + "."
-    value = summary.rstrip(".").split()[-1]
-    return trace(f"{reading} so {value}.", summary, answer[:-len("</answer>")])
-
-
-def make_split(n, level, seed, families=None, split="train", image_size=IMAGE_SIZE, jump=0.0):
+def make_split(n, level, seed, families=None, split="train", image_size=IMAGE_SIZE):
     """n problems in memory. Families go round-robin; level 'mix' alternates easy/hard per round,
-    so every family gets both levels. Problem i uses random.Random(f'{split}:{seed}:{i}').
-    jump: the fraction of problems whose trace skips the work (jump_trace), the habit of the
-    demo's first SFT set (see the note at the world's banner); drawn from its own stream, so the
-    problems themselves do not change."""
+    so every family gets both levels. Problem i uses random.Random(f'{split}:{seed}:{i}')."""
     families = list(families or FAMILIES)
     probs = []
     for i in range(n):
@@ -1188,10 +1174,109 @@ def make_split(n, level, seed, families=None, split="train", image_size=IMAGE_SI
         lvl = level if level != "mix" else ("easy", "hard")[(i // len(families)) % 2]
         p = make_problem(fam, lvl, random.Random(f"{split}:{seed}:{i}"), image_size)
         p["id"] = f"{split}{seed}_{i:05d}"
-        if jump and random.Random(f"jump:{split}:{seed}:{i}").random() < jump:
-            p["solution"] = jump_trace(p["solution"])
         probs.append(p)
     return probs
+
+# -----------------------------------------------------------------------------
+# the paper's actors at toy scale: the base's captions and direct answers (it perceives and
+# answers, but does not reason step by step), and the text reasoner's R1-style traces with R1's
+# faults, so that the first SFT set is distilled through captions as the paper's is
+
+CAPTION_PROMPT = "Describe the image."    # the demo captioner's instruction (sample.py --caption-prompt)
+REASON_TEMPLATE = "{caption} {question}"  # the demo reasoner's prompt (sample.py --reason-prompt)
+MAX_WORDS = 50  # the demo's limit on a reasoner trace (the paper: 500 words); clean ones have 6-35
+FAULTS = dict(reflect=0.25, ramble=0.1, wrong=0.1)  # R1's faults in the reasoner's training traces
+
+
+def caption_text(family, scene):
+    """What a reader of the image needs, in the traces' reading grammar: counts by colour and by
+    kind, each bar's value, each column's tallies (colours in a fixed order), the labelled sides."""
+    if family == "count":
+        by = lambda attr, names: " ".join(f"{v} {sum(s[attr] == v for s in scene['shapes'])}" for v in names)
+        return f"{by('color', COUNT_COLORS)}. {by('kind', KINDS)}."
+    if family == "bars":
+        bars = sorted(scene["bars"], key=lambda b: list(COLORS).index(b["color"]))
+        return " ".join(f"{b['color']} {b['value']}" for b in bars) + "."
+    if family == "table":
+        cols = sorted(range(len(scene["colors"])), key=lambda c: TABLE_COLORS.index(scene["colors"][c]))
+        return " ".join(f"the {scene['colors'][c]} column: {' '.join(str(r[c]) for r in scene['cells'])}."
+                        for c in cols)
+    name = "rectangle w" if scene["shape"] == "rect" else "triangle legs"
+    return f"{name} {scene['a']} {'h ' if scene['shape'] == 'rect' else ''}{scene['b']}."
+
+
+def split_trace(solution):
+    """'<think>T</think> S <answer>A</answer>' -> (T, S, A)."""
+    think, rest = solution[len("<think>"):].split("</think> ", 1)
+    summary, answer = rest.split(" <answer>")
+    return think, summary, answer[:-len("</answer>")]
+
+
+def base_records(n, level, seed, image_size=IMAGE_SIZE):
+    """The base's training rows: for each of n problems, its caption (asked with CAPTION_PROMPT)
+    and its direct answer (the trace's summary and answer, no <think> work), image shared."""
+    rows = []
+    for r in synth_records(n, level, seed, image_size=image_size):
+        m = r["meta"]
+        caption = caption_text(m["family"], m["scene"])
+        rows.append(dict(r, id=r["id"] + "c", question=CAPTION_PROMPT, answer=caption, choices=None,
+                         solution=caption))
+        rows.append(dict(r, solution=r["solution"].split("</think> ", 1)[1]))
+    return rows
+
+
+def r1_trace(solution, value, wrong_value, rng, faults=FAULTS):
+    """The reasoner's training target: the problem's trace with R1's faults, drawn with rng.
+    reflect: after the answer, 'Wait, let me check. <the work again>' (data.py traces cuts it);
+    ramble: the check over and over, past MAX_WORDS (dropped); wrong: the reading, then
+    a wrong value with no work ('so 7.'; dropped as wrong). value / wrong_value: the right answer
+    as the summary states it and a wrong one; the final answer (a letter for multiple choice)
+    follows the summary's value."""
+    think, summary, answer = split_trace(solution)
+    u = rng.random()
+    if u < faults["wrong"]:
+        reading = think.split(". ", 1)[0].rstrip(".") + "."
+        answer = wrong_value[1] if answer != value else wrong_value[0]
+        return trace(f"{reading} so {wrong_value[0]}.", summary.replace(value, wrong_value[0]), answer)
+    work = think.split(". ", 1)[1] if ". " in think else think
+    if u < faults["wrong"] + faults["ramble"]:
+        limit = MAX_WORDS + rng.randint(1, 20)
+        while n_words(think) <= limit:
+            think += f" Wait, let me check again. {work}"
+    elif u < faults["wrong"] + faults["ramble"] + faults["reflect"]:
+        think += f" Wait, let me check. {work}"
+    return trace(think, summary, answer)
+
+
+def wrong_answer(prob, rng):
+    """(a wrong value, its final answer): another option for multiple choice, another colour
+    of the chart for tallest / shortest, the value +-1 otherwise."""
+    value = answer_from_scene(prob["family"], prob["scene"], prob["kind"])
+    if prob.get("choices"):
+        i = rng.choice([i for i, c in enumerate(prob["choices"]) if c != value])
+        return prob["choices"][i], LETTERS[i]
+    if not value.isdigit():
+        w = rng.choice([b["color"] for b in prob["scene"]["bars"] if b["color"] != value])
+        return w, w
+    w = str(int(value) + rng.choice([-1, 1]) if value != "0" else 1)
+    return w, w
+
+
+def reasoner_records(n, level, seed, faults=FAULTS):
+    """The text reasoner's training rows: text only, the prompt REASON_TEMPLATE with the gold
+    caption and the question (its options included), the target an R1-style trace (r1_trace)."""
+    rows = []
+    for p in make_split(n, level, seed, split="reason", image_size=28):
+        rng = random.Random(f"faults:{seed}:{p['id']}")
+        value = answer_from_scene(p["family"], p["scene"], p["kind"])
+        question = REASON_TEMPLATE.replace("{caption}", caption_text(p["family"], p["scene"]))
+        question = question.replace("{question}", format_question(p))
+        solution = r1_trace(p["solution"], value, wrong_answer(p, rng), rng, faults)
+        rows.append(dict(id=p["id"], images=[], question=question, answer=p["answer"], choices=p.get("choices"),
+                         choices_in_question=True, solution=solution, meta=dict(family=p["family"], level=p["level"]),
+                         source=f"synth:reason:{seed}"))
+    return rows
+
 
 # -----------------------------------------------------------------------------
 # the writer
@@ -1246,11 +1331,11 @@ def synth_main(argv=None):
     print(f"wrote {len(recs)} problems to {args.out}/data.jsonl in {time.time() - t0:.1f}s")
 
 
-def synth_records(n, level, seed, split="train", families=None, image_size=IMAGE_SIZE, jump=0.0):
+def synth_records(n, level, seed, split="train", families=None, image_size=IMAGE_SIZE):
     """The same problems as write_split, in memory, in the record form the readers return (the
     images are PIL images instead of paths). What sft.py, grpo.py and eval.py use by default."""
     recs = []
-    for p in make_split(n, level, seed, families, split, image_size, jump):
+    for p in make_split(n, level, seed, families, split, image_size):
         meta = {k: p[k] for k in ("family", "level", "kind", "scene")}
         recs.append(dict(id=p["id"], images=[p["image"]], question=p["question"], answer=p["answer"],
                          choices=p.get("choices"), solution=p["solution"], meta=meta,
@@ -1273,7 +1358,8 @@ TINY_WORDS = (
     "You are helpful assistant system user "  # the default system prompt and the roles
     "How many What Which is the of in The shapes colour value bar column area perimeter Choices "
     "red green blue yellow circle circles square squares triangle triangles rectangle legs "
-    "count sum max min largest tallest shortest vs yes no so"
+    "count sum max min largest tallest shortest vs yes no so "
+    "Describe image w h Wait let me check again"
 ).split()
 
 # Qwen2.5-VL's chat template (as in its chat_template.json): default system prompt, image and

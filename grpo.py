@@ -366,13 +366,27 @@ def setup(a, device, world):
     return policy, ref, opt, tok, autocast
 
 
+def build_start_model(seed):
+    """The demo's default --model, runs/sft1, is not there yet: build the stages before GRPO1
+    (base, reasoner, SFT1) with the staircase, in rank 0 alone, while the other ranks wait."""
+    E.print0("grpo.py: no runs/sft1 yet, so building the stages before GRPO1 first (the base, the text "
+             "reasoner and SFT1: about 20 minutes on 2 CPU cores; runs/staircase.md says what they are)")
+    if int(os.environ.get("RANK", 0)) == 0:
+        hidden = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE") if k in os.environ}  # one plain process
+        try:
+            staircase(seed=seed, until="SFT1")
+        finally:
+            os.environ.update(hidden)
+    while "SFT1" not in (json.load(open("runs/staircase.json")) if os.path.exists("runs/staircase.json") else {}):
+        time.sleep(5)
+
+
 def main(argv=None):
     a = get_args(argv)
     if a.staircase:
         return staircase(seed=a.seed)
-    if a.model == "runs/sft1" and not os.path.exists(a.model):
-        raise SystemExit("grpo.py: no runs/sft1, the demo's start model: `python grpo.py --staircase` builds "
-                         "it and the rest of the loop (see README)")
+    if a.model == "runs/sft1" and not os.path.exists(os.path.join(a.model, "config.json")):
+        build_start_model(a.seed)
     rank, world, device = E.dist_init(a.device)
     if a.prompts_per_rollout % a.prompts_per_step or a.prompts_per_step % world:
         raise SystemExit("--prompts-per-rollout must be a multiple of --prompts-per-step, and that a multiple "
@@ -412,95 +426,166 @@ def main(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# the demo's staircase: base -> SFT1 -> GRPO1 -> SFT2 -> GRPO2 on the embedded world, from nothing
+# the demo's staircase: every actor of the paper trained here, from nothing, on the embedded world
+#
+#   base      a tiny VLM that perceives and answers directly (captions and short answers, no
+#             <think> work): the analogue of Qwen2.5-VL-Instruct
+#   reasoner  a tiny text-only qwen2 model: caption + question -> an R1-style trace, with R1's
+#             faults (reflections after the answer, rambling, wrong answers): DeepSeek-R1-Distill's
+#   SFT1      the base captions the pool's images, the reasoner solves each from its caption (k
+#             traces), data.py traces filters them (the first SFT set), the base is fine-tuned on it
+#   GRPO1     on easy and hard problems (SFT1's pool is easy)
+#   SFT2      GRPO1 answers a pool k times, the shortest correct answers fine-tune the base again
+#   GRPO2     on hard problems, the hardest set
 
-SFT_FROM_BASE = ["--model", "runs/base", "--steps", "300", "--lr", "3e-4", "--warmup", "0", "--data-seed", "1"]
-MAX_NEW = 192  # completion budget of the distillation samples and the tests (gold traces <= 81 tokens)
+DEMO = dict(base_n=24000, base_steps=1500, reasoner_n=8000, reasoner_steps=600, pool=4000, k=4, sft1_steps=400,
+            grpo_n=4000, grpo_steps=100, n_distill=8000, k2=2, sft2_steps=300, test_n=2000, grpo_flags=[])
+MAX_NEW = 192  # completion budget of the distillation samples and the tests (traces <= ~90 tokens)
 
 
-def staircase_stages(root, n_distill, k, seed):
-    """The five stages, each (name, its output dir, the command the table shows, the call that
-    runs those same flags). Base: the tiny VLM learns the world from scratch on full traces of
-    easy problems (it stands in for the downloaded Qwen2.5-VL-Instruct). SFT1: a short fine-tune
-    of the base on a first SFT set whose traces jump to the value without the work 70% of the
-    time (--jump 0.7). GRPO1 on easy problems, GRPO2 on easy and hard ones (the paper's GRPO sets
-    get harder). SFT2, as the paper builds iteration 2: the GRPO1 model answers n_distill
-    problems k times, `data.py traces` keeps the shortest correct answer of each, and the base is
-    fine-tuned on that."""
+def command(script, args):
+    """(the command line, a call that runs it in this process)."""
+    run = {"sft.py": lambda: sft.train(sft.parser().parse_args(args)), "grpo.py": lambda: main(args),
+           "sample.py": lambda: sample.main(args), "data.py": lambda: data.main(args)}[script]
+    return "python " + script + "".join(" " + (f'"{x}"' if " " in x else x) for x in args), run
+
+
+def staircase_stages(root, seed, c):
+    """The stages, each (name, its output model dir, its commands as (line, call)); c: DEMO's sizes."""
     d = lambda *p: os.path.join(root, *p)
-    from_base = [d("base") if x == "runs/base" else x for x in SFT_FROM_BASE]
     sd = ["--seed", str(seed)] if seed else []
-    q = lambda args: "".join(" " + x for x in args)  # the flags as the table shows them
-    sft_run = lambda args: sft.train(sft.parser().parse_args(args + ["--eval-n", "0"]))
-    sft_stage = lambda args: (f"python sft.py{q(args)}", lambda: sft_run(args))
-    grpo_stage = lambda args: (f"python grpo.py{q(args)}", lambda: main(args + ["--eval-every", "0"]))
-    distill = ["--task", "distill", "--model", d("grpo1"), "--data", d("distill", "data.jsonl"), "--out",
-               d("distill", "samples.jsonl"), "--n", str(k), "--max-new-tokens", str(MAX_NEW), "--batch-size", "64"] + sd
-
-    def sft2():  # the GRPO1 model writes the next SFT set; SFT from the base on it
-        if not os.path.exists(d("distill", "data.jsonl")):
-            data.write_split(d("distill"), n_distill, "mix", seed=2)
-        sample.main(distill)
-        data.main(["traces", "--data", d("distill", "samples.jsonl"), "--out", d("sft2.jsonl")])
-        sft_run(from_base + ["--data", d("sft2.jsonl"), "--out", d("sft2")])
-
+    px = ["--eval-n", "0"]
+    from_base = ["--model", d("base"), "--lr", "3e-4", "--warmup", "0", "--data-seed", "1"] + px
+    pool, dis = d("pool1"), d("distill")
+    grpo = ["--n-train", str(c["grpo_n"]), "--steps", str(c["grpo_steps"]), "--eval-every", "0"] + c["grpo_flags"] + sd
     return [
-        ("base", d("base"), *sft_stage(sd + ["--out", d("base")])),
-        ("SFT1", d("sft1"), *sft_stage(from_base + ["--jump", "0.7", "--out", d("sft1")])),
-        ("GRPO1", d("grpo1"), *grpo_stage(["--model", d("sft1"), "--level", "easy", "--out", d("grpo1")] + sd)),
-        ("SFT2", d("sft2"), f"python data.py synth --out {d('distill')} --n {n_distill} --level mix --seed 2\n"
-         f"python sample.py{q(distill)}\n"
-         f"python data.py traces --data {d('distill', 'samples.jsonl')} --out {d('sft2.jsonl')}\n"
-         f"python sft.py{q(from_base)} --data {d('sft2.jsonl')} --out {d('sft2')}", sft2),
-        ("GRPO2", d("grpo2"), *grpo_stage(["--model", d("sft2"), "--level", "mix", "--out", d("grpo2")] + sd)),
+        ("base", d("base"), [command("sft.py", ["--synth", "base", "--level", "mix", "--n-train", str(c["base_n"]),
+                                                "--steps", str(c["base_steps"]), "--out", d("base")] + sd + px)]),
+        ("reasoner", d("reasoner"), [command("sft.py", [
+            "--model", "tiny-text", "--synth", "reason", "--n-train", str(c["reasoner_n"]), "--steps", str(c["reasoner_steps"]),
+            "--out", d("reasoner")] + sd + px)]),
+        ("SFT1", d("sft1"), [
+            command("data.py", ["synth", "--out", pool, "--n", str(c["pool"]), "--level", "easy", "--seed", "1"]),
+            command("sample.py", ["--task", "caption", "--model", d("base"), "--data", d("pool1", "data.jsonl"),
+                                  "--out", d("pool1", "captions.jsonl"), "--caption-prompt", data.CAPTION_PROMPT,
+                                  "--max-new-tokens", "64", "--batch-size", "100"]),
+            command("sample.py", ["--task", "reason", "--model", d("reasoner"), "--data", d("pool1", "captions.jsonl"),
+                                  "--out", d("pool1", "traces.jsonl"), "--reason-prompt", data.REASON_TEMPLATE,
+                                  "--n", str(c["k"]), "--max-new-tokens", str(MAX_NEW), "--batch-size", "100"] + sd),
+            command("data.py", ["traces", "--data", d("pool1", "traces.jsonl"), "--out", d("sft1.jsonl"),
+                                "--max-words", str(data.MAX_WORDS)]),
+            command("sft.py", from_base + ["--data", d("sft1.jsonl"), "--steps", str(c["sft1_steps"]), "--out", d("sft1")])]),
+        ("GRPO1", d("grpo1"), [command("grpo.py", ["--model", d("sft1"), "--level", "mix", "--out", d("grpo1")] + grpo)]),
+        ("SFT2", d("sft2"), [
+            command("data.py", ["synth", "--out", dis, "--n", str(c["n_distill"]), "--level", "mix", "--seed", "2"]),
+            command("sample.py", ["--task", "distill", "--model", d("grpo1"), "--data", d("distill", "data.jsonl"),
+                                  "--out", d("distill", "samples.jsonl"), "--n", str(c["k2"]),
+                                  "--max-new-tokens", str(MAX_NEW), "--batch-size", "64"] + sd),
+            command("data.py", ["traces", "--data", d("distill", "samples.jsonl"), "--out", d("sft2.jsonl")]),
+            command("sft.py", from_base + ["--data", d("sft2.jsonl"), "--steps", str(c["sft2_steps"]), "--out", d("sft2")])]),
+        ("GRPO2", d("grpo2"), [command("grpo.py", ["--model", d("sft2"), "--level", "hard", "--out", d("grpo2")] + grpo)]),
     ]
 
 
-def run_stage(name, out, cmd, run, test):
-    """Run one stage, then test its model greedily -> its row of the table."""
-    print(f"\n=== {name}: {cmd}", flush=True)
+def run_stage(name, out, commands, test):
+    """Run one stage's commands, then test its model greedily -> its row of staircase.json (the
+    text reasoner has no row of its own: the filters' counts in SFT1's row say how it did)."""
     t0 = time.time()
-    run()
-    seconds = time.time() - t0
-    m = M.load_model(out).eval()
-    _, s = E.evaluate(m, data.load_tokenizer(out), test, batch_size=100, max_new_tokens=MAX_NEW, progress=False)
-    return dict(accuracy=s["accuracy"], family={k: v[0] for k, v in s["by"]["family"].items()},
-                level={k: v[0] for k, v in s["by"].get("level", {}).items()}, seconds=seconds, command=cmd)
+    results = []
+    for line, call in commands:
+        print(f"\n=== {name}: {line}", flush=True)
+        results.append(call())
+    row = dict(seconds=time.time() - t0, commands=[line for line, _ in commands])
+    if name == "SFT1":  # the first SFT set: what each filter dropped, and the traces from a wrong caption
+        kept, _ = data.load_records(os.path.join(os.path.dirname(out), "sft1.jsonl"))
+        wrong = sum(r["meta"]["caption"] != data.caption_text(r["meta"]["family"], r["meta"]["scene"]) for r in kept)
+        row.update(filters=results[3], kept=len(kept), wrong_caption=wrong)
+    if name != "reasoner":
+        m = M.load_model(out).eval()
+        res, s = E.evaluate(m, data.load_tokenizer(out), test, batch_size=100, max_new_tokens=MAX_NEW, progress=False)
+        row.update(accuracy=s["accuracy"], family={k: v[0] for k, v in s["by"]["family"].items()},
+                   level={k: v[0] for k, v in s["by"].get("level", {}).items()}, correct=[int(r["correct"]) for r in res])
+    return row
 
 
-def write_table(stages, rows, path):
-    fams = sorted(next(iter(rows.values()))["family"])
-    lines = ["| stage | test accuracy | " + " | ".join(fams) + " | wall-clock | command |",
-             "|---|---|" + "---|" * len(fams) + "---|---|"]
-    for name, *_ in stages:
-        r = rows[name]
-        lines.append(f"| {name} | {r['accuracy']:.1%} | " + " | ".join(f"{r['family'][f]:.1%}" for f in fams)
-                     + f" | {r['seconds'] / 60:.1f} min | `{r['command'].splitlines()[-1]}` |")
-    lines.append(f"\ntotal {sum(r['seconds'] for r in rows.values()) / 60:.1f} min")
+def paired_step(a, b):
+    """(b - a in points, its standard error): the same problems before and after, so the error is
+    that of the per-problem difference."""
+    diff = [y - x for x, y in zip(a["correct"], b["correct"])]
+    mean = sum(diff) / len(diff)
+    var = sum((x - mean) ** 2 for x in diff) / max(len(diff) - 1, 1)
+    return 100 * mean, 100 * (var / len(diff)) ** 0.5
+
+
+def write_table(rows, path):
+    """staircase.md: accuracy per stage, overall, per family and level, the step from the stage
+    before with its paired standard error, and the wall-clock of each stage (reasoner included)."""
+    tested = [n for n in rows if "accuracy" in rows[n]]
+    fams = sorted(rows[tested[0]]["family"])
+    lines = ["| stage | test accuracy | step (paired SE) | " + " | ".join(fams) + " | easy / hard | wall-clock |",
+             "|---|---|---|" + "---|" * len(fams) + "---|---|"]
+    for i, n in enumerate(tested):
+        r = rows[n]
+        step = "" if i == 0 else "{:+.1f} ({:.1f})".format(*paired_step(rows[tested[i - 1]], r))
+        lines.append(f"| {n} | {r['accuracy']:.1%} | {step} | " + " | ".join(f"{r['family'][f]:.0%}" for f in fams)
+                     + f" | {r['level'].get('easy', 0):.1%} / {r['level'].get('hard', 0):.1%} | {r['seconds'] / 60:.1f} min |")
+    total = sum(r["seconds"] for r in rows.values())
+    lines.append(f"\nthe whole loop, reasoner ({rows['reasoner']['seconds'] / 60:.1f} min) included: {total / 60:.1f} min")
+    if "filters" in rows.get("SFT1", {}):
+        r = rows["SFT1"]
+        lines.append(f"first SFT set: {r['kept']} records kept; traces dropped: "
+                     + ", ".join(f"{k} {v}" for k, v in r["filters"].items() if k in data.DROP_REASONS)
+                     + f"; reflections cut {r['filters']['cut']}; kept traces from a wrong caption {r['wrong_caption']}")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
-def staircase(root="runs", n_distill=12000, k=2, seed=0, test_n=2000):
-    """The paper's loop on the embedded world, each stage tested greedily on the first test_n
-    held-out problems (one standard error ~1 point at 2000). Writes root/staircase.json (a row
-    per stage) and root/staircase.md. A stage already in staircase.json, with its model on disk,
-    is skipped, so a rerun continues. seed (--seed) sets the base's initialization and the
-    sampling of GRPO and distillation. One process (run the stages by hand for torchrun)."""
-    stages = staircase_stages(root, n_distill, k, seed)
-    test = data.synth_test_records(test_n)
-    table_path, rows = os.path.join(root, "staircase.json"), {}
-    if os.path.exists(table_path):
-        with open(table_path) as f:
+def draw_chart(rows, path, size=(560, 360)):
+    """runs/staircase.png: test accuracy per stage, overall (black, thick) and per family."""
+    from PIL import Image, ImageDraw
+    tested = [n for n in rows if "accuracy" in rows[n]]
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    x0, y0, x1, y1 = 50, 20, size[0] - 110, size[1] - 40
+    X = lambda i: x0 + (x1 - x0) * i / max(len(tested) - 1, 1)
+    Y = lambda acc: y1 - (y1 - y0) * acc
+    for v in range(0, 101, 20):
+        d.line([x0, Y(v / 100), x1, Y(v / 100)], fill=(220, 220, 220))
+        d.text((x0 - 30, Y(v / 100) - 6), f"{v}%", fill="black")
+    for i, n in enumerate(tested):
+        d.text((X(i) - 15, y1 + 10), n, fill="black")
+    fams = sorted(rows[tested[0]]["family"])
+    colours = [(220, 30, 30), (30, 160, 50), (40, 70, 220), (230, 150, 0)]
+    series = [(f, colours[j % 4], 1, [rows[n]["family"][f] for n in tested]) for j, f in enumerate(fams)]
+    for name, colour, width, ys in series + [("overall", (0, 0, 0), 3, [rows[n]["accuracy"] for n in tested])]:
+        d.line([(X(i), Y(y)) for i, y in enumerate(ys)], fill=colour, width=width)
+        d.text((x1 + 10, Y(ys[-1]) - 6), name, fill=colour)
+    img.save(path)
+
+
+def staircase(root="runs", seed=0, until=None, sizes=None):
+    """The paper's loop on the embedded world from nothing, each VLM stage tested greedily on the
+    first test_n held-out problems (one standard error ~1 point at 2000). Writes root/
+    staircase.json (a row per stage), staircase.md and staircase.png. A stage already in
+    staircase.json, with its model on disk, is skipped, so a rerun continues; `until` stops
+    after the named stage. seed (--seed) sets the initializations and the sampling. One process."""
+    c = {**DEMO, **(sizes or {})}
+    test = data.synth_test_records(c["test_n"])
+    path, rows = os.path.join(root, "staircase.json"), {}
+    if os.path.exists(path):
+        with open(path) as f:
             rows = json.load(f)
-    for name, out, cmd, run in stages:
+    for name, out, commands in staircase_stages(root, seed, c):
         if name not in rows or not os.path.exists(os.path.join(out, "config.json")):
-            rows[name] = run_stage(name, out, cmd, run, test)
-            with open(table_path, "w") as f:
-                json.dump(rows, f, indent=1)
-        print(f"{name}: test accuracy {rows[name]['accuracy']:.1%} ({rows[name]['seconds'] / 60:.1f} min)", flush=True)
-    write_table(stages, rows, os.path.join(root, "staircase.md"))
+            rows[name] = run_stage(name, out, commands, test)
+            with open(path, "w") as f:
+                json.dump(rows, f)
+        print(f"{name}: {rows[name].get('accuracy', float('nan')):.1%} ({rows[name]['seconds'] / 60:.1f} min)", flush=True)
+        if name == until:
+            return rows
+    write_table(rows, os.path.join(root, "staircase.md"))
+    draw_chart(rows, os.path.join(root, "staircase.png"))
     return rows
 
 

@@ -169,7 +169,7 @@ def encode_batch(tokenizer, rows, pad_id, suffix, device, **px):
     """Records with a solution -> one padded SFT micro-batch (ids, labels, images) on device."""
     encs = [data.encode_sft(tokenizer, data.format_question(r, suffix), r["solution"], r["images"], **px)
             for r in rows]
-    return {k: v.to(device) for k, v in data.collate(encs, pad_id).items()}
+    return {k: v.to(device) if v is not None else None for k, v in data.collate(encs, pad_id).items()}
 
 
 # -----------------------------------------------------------------------------
@@ -401,10 +401,13 @@ def backward_sft(model, batches, n_global, world, autocast):
 def build_model(args):
     """(model float32 on CPU in train mode, tokenizer): from --model DIR, or --model tiny built
     from scratch (data.TINY with DEMO_TINY's sizes, initialized from --seed)."""
-    if args.model == "tiny":
+    if args.model in ("tiny", "tiny-text"):
         tok = data.build_tiny_tokenizer()
+        cfg = data.tiny_config(tok, **DEMO_TINY)
+        if args.model == "tiny-text":
+            cfg.model_type, cfg.vision, cfg.mrope_section = "qwen2", None, None
         torch.manual_seed(args.seed)
-        model = M.Qwen2_5_VL(data.tiny_config(tok, **DEMO_TINY)).init_weights(seed=args.seed)
+        model = M.Qwen2_5_VL(cfg).init_weights(seed=args.seed)
     else:
         model, tok = M.load_model(args.model, dtype=torch.float32, device="cpu"), data.load_tokenizer(args.model)
     if args.freeze_vision and getattr(model, "visual", None) is not None:
@@ -422,7 +425,8 @@ def load_rows(args, tok, suffix):
         except ValueError as e:
             raise BadData(str(e)) from e
     else:
-        records, n_bad = data.synth_records(args.n_train, args.level, args.data_seed, jump=args.jump), 0
+        make = {"traces": data.synth_records, "base": data.base_records, "reason": data.reasoner_records}[args.synth]
+        records, n_bad = make(args.n_train, args.level, args.data_seed), 0
     rows, skipped = filter_records(records, tok, args.max_seq_len, suffix, data.MIN_PIXELS, args.max_pixels,
                                    strict=args.strict)
     if n_bad:
@@ -543,7 +547,7 @@ def train(args):
     export_model(model, tok, args.out)
     print0(f"trained {total - start} steps in {summary['train_seconds']:.1f}s; final loss {loss:.4f}; "
            f"model in {args.out}")
-    if args.eval_n and not args.data:
+    if args.eval_n and not args.data and args.synth != "reason":
         summary["eval"] = final_eval(model, tok, args, suffix, autocast, rank, world)
     summary["seconds"] = time.time() - t_start
     print0(f"total wall-clock {summary['seconds']:.1f}s")
@@ -572,18 +576,18 @@ def parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--model", default="tiny", help="base checkpoint directory (HF layout, with tokenizer), or 'tiny' "
-                                      "to build the tiny model and tokenizer from scratch")
+                                      "('tiny-text': text only) to build a tiny model and tokenizer from scratch")
     a("--data", default=None, help="training JSONL (any format data.load_records reads; the target is "
                                    "each record's solution); default: synthetic problems made in memory")
     a("--n-train", type=int, default=24000, help="synthetic training problems (without --data)")
-    a("--level", default="easy", choices=["easy", "hard", "mix"], help="synthetic level (without --data)")
-    a("--jump", type=float, default=0.0, help="fraction of synthetic traces that skip the work and jump "
-                                             "to the value (without --data; the demo's SFT1 uses 0.7; "
-                                             "see data.jump_trace)")
+    a("--level", default="mix", choices=["easy", "hard", "mix"], help="synthetic level (without --data)")
+    a("--synth", default="base", choices=["traces", "base", "reason"], help="what the synthetic rows "
+      "teach (without --data): full reasoning traces; the demo's base (captions and direct answers); "
+      "the demo's text reasoner (caption + question -> an R1-style trace, text only)")
     a("--data-seed", type=int, default=0, help="seed of the synthetic problems and of the data order")
     a("--suffix", default="", help="text after each question: '', 'r1' (the paper's prompt) or a literal string")
     a("--out", default="runs/base", help="output directory (model, metrics.jsonl, checkpoints/)")
-    a("--steps", type=int, default=2000, help="optimizer steps (0: from --epochs)")
+    a("--steps", type=int, default=1500, help="optimizer steps (0: from --epochs)")
     a("--epochs", type=float, default=1.0, help="passes over the data when --steps is 0")
     a("--batch-size", type=int, default=32, help="global batch, rows per optimizer step (all ranks)")
     a("--micro-batch-size", type=int, default=0, help="rows per forward/backward per process (0: batch / "

@@ -183,37 +183,6 @@ def test_cli(tmp_path):
         S.synth_main(["--out", str(tmp_path), "--families", "count"])
 
 
-def test_jump_traces():
-    plain = S.make_split(40, "easy", 0)
-    jumped = S.make_split(40, "easy", 0, jump=0.7)
-    changed = 0
-    for a, b in zip(plain, jumped):
-        assert (a["question"], a["answer"], a["scene"]) == (b["question"], b["answer"], b["scene"])
-        if a["solution"] != b["solution"]:
-            changed += 1
-            assert b["solution"] == S.jump_trace(a["solution"])
-            # the same reading and summary and answer; the work between them is gone
-            reading = a["solution"].split(". ")[0]
-            summary = a["solution"].split("</think> ")[1]
-            assert b["solution"].startswith(reading + ". so ") and b["solution"].endswith("</think> " + summary)
-            assert TRACE.match(b["solution"])
-    assert 20 <= changed <= 36  # 70% of 40
-    assert S.make_split(40, "easy", 0, jump=0.7) == jumped  # deterministic
-
-
-def test_jump_trace_by_hand():
-    t = S.jump_trace("<think>the blue column: 3 1 2. 3+1=4 4+2=6.</think> The sum is 6. <answer>6</answer>")
-    assert t == "<think>the blue column: 3 1 2. so 6.</think> The sum is 6. <answer>6</answer>"
-    t = S.jump_trace("<think>w 4 h 3. 4*3=12. A 13 vs 12 no. B 12 vs 12 yes.</think> The area is 12. "
-                     "<answer>B</answer>")  # multiple choice: the option checks go too
-    assert t == "<think>w 4 h 3. so 12.</think> The area is 12. <answer>B</answer>"
-    t = S.jump_trace("<think>red 2 green 5. max red 2, green 5 vs 2 green 5.</think> The tallest is green. "
-                     "<answer>green</answer>")
-    assert t == "<think>red 2 green 5. so green.</think> The tallest is green. <answer>green</answer>"
-    tok = S.build_tiny_tokenizer()
-    assert tok.tokenize(" so") == ["Ġso"]  # the jump is one token: the choice GRPO turns around
-
-
 def test_table_tallies_and_column_colours_match_the_scene():
     """A cell holding v shows v squares, one per 14x14 patch, in its column's colour; the question
     names the column by that colour, and the trace reads that column top to bottom."""
