@@ -14,10 +14,10 @@ over-long ones dropped, rambling reflections cut:
     python data.py traces --data reason.jsonl --out sft1.jsonl
 
 The synthetic world: the embedded default dataset, four families of small visual problems drawn
-with PIL, each with a short reasoning trace in the paper's shape; the tiny byte-level BPE tokenizer
-(one token per word of the world, Qwen's special tokens and chat template) and the tiny
-Qwen2.5-VL-shaped model, both saved in the layout of a real checkpoint so one loading path serves
-both. By default sft.py, grpo.py and eval.py draw the world in memory; to write it to disk:
+with PIL, each with a short reasoning trace in the paper's shape, a caption, and the data of the
+demo's actors (the base's captions and direct answers, the text reasoner's R1-style traces); the
+tiny byte-level BPE tokenizer and the tiny Qwen2.5-VL-shaped model, saved in the layout of a real
+checkpoint so one loading path serves both. sft.py, grpo.py and eval.py draw it in memory:
 
     python data.py synth --out data/train --n 1000 --level easy
     python data.py synth --out data/test --test
@@ -832,6 +832,9 @@ def traces_main(argv=None):
 # - a word the trace looks up is the same token as in the question ("the blue column", " blue").
 # Layout: every scene lies on the 4x4 grid of 28x28-pixel merged tokens, one thing per token.
 # Levels: easy (few objects, short listings) for SFT; hard (more of them, same grammar) for GRPO.
+# The demo's actors learn from the same problems: the base from each one's caption (the trace's
+# reading, for every question the image could answer) and its direct answer (the trace's summary
+# and answer, no work); the text reasoner from caption + question -> the trace, with R1's faults.
 # Determinism: problem i of a split uses random.Random(f"{split}:{seed}:{i}") (a string seed is
 # hashed with SHA-512, whatever PYTHONHASHSEED), so no two splits share a generator and record i
 # does not depend on n.

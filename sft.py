@@ -3,7 +3,9 @@ Supervised fine-tuning: masked cross-entropy on the assistant's tokens, AdamW wi
 cosine decay, gradient clipping and accumulation, FSDP2 under torchrun; and the training kit
 (FSDP wrapping, atomic checkpoints, metrics.jsonl) that grpo.py reuses.
 
-    python sft.py                    # the demo's base: a tiny VLM from scratch -> runs/base
+    python sft.py                    # the demo's base: a tiny VLM from scratch on captions and
+                                     # direct answers -> runs/base
+    python sft.py --model tiny-text --synth reason --out runs/reasoner     # the demo's reasoner
     torchrun --nproc_per_node=8 sft.py --model DIR --data FILE ...   # FSDP2; the recipe: README
     python sft.py ... --resume       # continue from the latest checkpoint in --out
 
