@@ -123,11 +123,48 @@ CASES = [
     # adversarial: code, NUL bytes, unicode digits, unbalanced braces
     ("\\boxed{__import__('os').system('touch PWNED')}", '0', None, 0),
     ("<answer>eval('1+1')</answer>", '2', None, 0),
-    ('<answer>4\x002</answer>', '42', None, 1), ('<answer>\x00</answer>', '0', None, 0),
+    ('<answer>4\x002</answer>', '42', None, 0), ('<answer>\x00</answer>', '0', None, 0),
     ('<answer>\uff14\uff12</answer>', '42', None, 1), ('<answer>\u0664\u0662</answer>', '42', None, 1),
     ('<answer>\u096a\u0968</answer>', '42', None, 1), ('<answer>\u0663\u066b\u0661\u0664</answer>', '3.14', None, 1),
     ('<answer>}}{{</answer>', '1', None, 0), ('\\boxed{\\frac{1}{', '0.5', None, 0),
     ('\\boxed{}}}{{{', '1', None, 0), ('<answer>\\frac{1}{</answer>', '0.5', None, 0),
+    # LaTeX thousands separators
+    ('1{,}000', '1000', None, 1), ('1,\\!000', '1000', None, 1), ('2{,}500{,}000', '2500000', None, 1),
+    ('3,\\!141', '3141', None, 1), ('1{,}5', '1.5', None, 0), ('1{,}000', '100', None, 0),
+    # mixed numbers: an integer directly followed by a proper fraction
+    ('2\\frac{1}{2}', '2.5', None, 1), ('2 1/2', '2.5', None, 1), ('-1\\frac{3}{4}', '-1.75', None, 1),
+    ('1\u00be', '1.75', None, 1), ('2 1/2', '\\frac{5}{2}', None, 1), ('3\\frac{1}{2}', '2.5', None, 0),
+    ('21/2', '2.5', None, 0), ('2\\frac{3}{2}', '3.5', None, 0),
+    # sets in any order; a bare truth list of solutions against a bare or set prediction too
+    ('{2, 1}', '{1, 2}', None, 1), ('\\{3, -1\\}', '\\{-1, 3\\}', None, 1), ('{1, 1}', '{1, 2}', None, 0),
+    ('-1, 3', '3, -1', None, 1), ('x = 3, -1', '-1, 3', None, 1), ('x = 3, x = -1', '-1, 3', None, 1),
+    ('{3, -1}', '-1, 3', None, 1), ('3, 3', '3, -1', None, 0), ('(3, -1)', '(-1, 3)', None, 0),
+    ('(3, -1)', '-1, 3', None, 0), ('{3.14, 3.1416}', '{3.1416, 3.14}', None, 1),
+    # \text{} around a letter or a word
+    ('\\text{B}', 'B', None, 1), ('\\text{B}', 'B', C4, 1), ('\\text{(B)}', 'B', C4, 1),
+    ('\\text{yes}', 'yes', None, 1), ('\\textbf{No}', 'no', None, 1), ('\\text{A}', 'B', None, 0),
+    # percent written out, CJK units
+    ('50 percent', '50', None, 1), ('50 percent', '50%', None, 1), ('51 percent', '50', None, 0),
+    ('12 \u5398\u7c73', '12', None, 1), ('12\u5398\u7c73', '12', None, 1), ('3 \u4e2a', '3', None, 1),
+    ('4 \u4e2a', '3', None, 0), ('7 \u5e73\u65b9\u7c73', '7', None, 1),
+    # a leading 'x \in'
+    ('x \\in [1, 2]', '[1, 2]', None, 1), ('t \\in (0, 5]', '(0, 5]', None, 1),
+    ('x \u2208 [1, 2]', '[1, 2]', None, 1), ('x \\in [1, 2)', '[1, 2]', None, 0),
+    # inequalities against intervals
+    ('1 < x < 2', '(1, 2)', None, 1), ('1 \\le x \\le 2', '[1, 2]', None, 1), ('x > 3', '(3, \\infty)', None, 1),
+    ('x \\geq 3', '[3, +\\infty)', None, 1), ('x \u2265 3', '[3, \u221e)', None, 1),
+    ('5 > y > -1', '(-1, 5)', None, 1), ('(-\\infty, 4]', 'x \\leq 4', None, 1),
+    ('x < 3', '(3, \\infty)', None, 0), ('1 \\le x < 2', '[1, 2]', None, 0), ('x > 3', '[3, \\infty)', None, 0),
+    ('a < b', '(a, \\infty)', None, 0),
+    # sqrt() in plain text
+    ('sqrt(2)', '\\sqrt{2}', None, 1), ('3 sqrt(2)', '\\sqrt{18}', None, 1), ('sqrt(3)', '\\sqrt{2}', None, 0),
+    # one value written two ways
+    ('\\frac{\\sqrt{3}}{2}', '\\sqrt{3}/2', None, 1), ('\\frac{1}{\\sqrt{2}}', '\\frac{\\sqrt{2}}{2}', None, 1),
+    ('2^{-1}', '\\frac{1}{2}', None, 1), ('\\frac{\\sqrt{3}}{3}', '\\sqrt{3}/2', None, 0),
+    # a sentence that ends with the number
+    ('The total is 42.', '42', None, 1), ('There are 42 apples.', '42', None, 1), ('Total: 42', '42', None, 1),
+    ('The total is 41.', '42', None, 0), ('The total is not 42.', '42', None, 0),
+    ('The total is 42 or 43.', '42', None, 0),
 ]
 
 
@@ -164,9 +201,73 @@ def test_accuracy_table(text, truth, choices, expected):
     ('The answer is 3.14', '3.14'),
     ('\\boxed{unclosed', None), ('no answer here', None), ('', None), (None, None),
     ('\x00\x00', None), ('{{{{', None),
+    ('< answer >42< /answer >', '42'), ('<think>t</think>< answer > 5 cm </ answer >', '5 cm'),
+    ('<Answer>7</Answer>', '7'), ('< answer >1< /answer > <answer>2</answer>', '2'),
+    ('Comparing the sides, the correct option is (C).', '(C)'), ('So the best choice is B', 'B'),
+    ('42', None),  # a bare completion is no extraction; accuracy_reward reads it (below)
 ])
 def test_extract_answer(completion, expected):
     assert reward.extract_answer(completion) == expected
+
+
+RANGES = ['0.0 - 0.2', '0.2 - 0.4', '0.4 - 0.6', '0.6 - 0.8']
+AGES = ['10', '12', '15']
+
+
+@pytest.mark.parametrize('pred,truth,choices,expected', [
+    # ranges read as numbers are all negative (0.2 - 0.4 = -0.2 = 0.0 - 0.2): text names the option
+    ('A', '0.2 - 0.4', RANGES, False), ('0.0 - 0.2', '0.2 - 0.4', RANGES, False),
+    ('0.2 - 0.4', 'B', RANGES, True), ('B', '0.2 - 0.4', RANGES, True), ('C', '0.4-0.6', RANGES, True),
+    ('(D) 0.6 - 0.8', '0.6 - 0.8', RANGES, True), ('0.6 - 0.8', 'A', RANGES, False),
+    ('-0.2', 'B', RANGES, False),  # a value two options share names neither
+    # no option named: the value must be the truth's option's value
+    ('12.0', 'B', AGES, True), ('twelve', 'B', AGES, True), ('12 years', '12', AGES, True),
+    ('12.5', 'B', AGES, False), ('15', 'B', AGES, False),
+    ('1.5', 'C', ['1.5', '15', '150'], False), ('1.50', 'A', ['1.5', '15', '150'], True),
+])
+def test_choices_resolve_to_an_option_first(pred, truth, choices, expected):
+    assert reward.is_equiv(pred, truth, choices) is expected
+
+
+@pytest.mark.parametrize('pred,truth,expected', [
+    ('100000001', '100000000', False), ('100000000', '100000000', True), ('1e8', '100000000', True),
+    ('100,000,000.0', '100000000', True), ('-7.0000001', '-7', False), ('2,000,001', '2,000,000', False),
+    ('12345678901234567891', '12345678901234567890', False), ('7 \\times 10^{8}', '700000000', True),
+    # non-integer truths keep their tolerance
+    ('1000000.4', '1e6', True), ('0.33333333', '\\frac{1}{3}', True), ('2.5000001', '2.5', True),
+    ('3.14159', '3.14', True), ('3.4', '3', False),
+])
+def test_integer_truth_wants_an_equal_integer(pred, truth, expected):
+    assert reward.is_equiv(pred, truth) is expected
+
+
+@pytest.mark.parametrize('pred,truth,choices,expected', [
+    ('4\x002', '42', None, False), ('4\x012', '42', None, False), ('42\x1b', '42', None, False),
+    ('\x0742', '42', None, False), ('42\x7f', '42', None, False), ('B\x00', 'B', C4, False),
+    ('yes\x0b', 'yes', None, False),
+    ('\n42\r\n', '42', None, True), ('x =\t5', '5', None, True),  # ordinary whitespace is fine
+])
+def test_control_characters_refuse(pred, truth, choices, expected):
+    assert reward.is_equiv(pred, truth, choices) is expected
+    assert reward.accuracy_reward(f'<answer>{pred}</answer>', truth, choices) == float(expected)
+
+
+def test_truth_in_answer_tags_is_unwrapped():
+    assert reward.is_equiv('42', '<answer>42</answer>') is True
+    assert reward.is_equiv('41', '<answer>42</answer>') is False
+    assert reward.accuracy_reward('<answer>(B)</answer>', ' < answer > B </answer>', C4) == 1.0
+    assert reward.accuracy_reward('<answer>5 cm</answer>', '<answer>C</answer>', C4) == 1.0
+
+
+@pytest.mark.parametrize('completion,truth,choices,expected', [
+    ('42', '42', None, 1.0), (' B\n', 'B', C4, 1.0), ('5 cm', 'C', C4, 1.0), ('0.5', '\\frac{1}{2}', None, 1.0),
+    ('41', '42', None, 0.0), ('42 ' + 'x' * 200, '42', None, 0.0), ('<think>42</think>', '42', None, 0.0),
+    ('4\x002', '42', None, 0.0),
+    ('Comparing the sides, the correct option is (C).', 'C', C4, 1.0),
+    ('Comparing the sides, the correct option is (C).', 'B', C4, 0.0),
+])
+def test_bare_completions_and_option_phrases(completion, truth, choices, expected):
+    assert reward.accuracy_reward(completion, truth, choices) == expected
 
 
 @pytest.mark.parametrize('completion,expected', [
@@ -239,6 +340,12 @@ MB = 1 << 20
     ('answer is ' * (MB // 10), '42'),
     ('\x00' * MB, '42'),
     ('\uff14' * MB, '42'),
+    ('< ' * (MB // 2), '42'),
+    ('< /answer >' * (MB // 11), '42'),
+    ('< answer >' * (MB // 10) + '< /answer >', '42'),
+    ('<answer>' + '1 < ' * (MB // 4) + 'x</answer>', '42'),
+    ('<answer>{' + '1, ' * (MB // 3) + '}</answer>', '{1, 2}'),
+    ('<answer>The total is ' + 'very ' * (MB // 5) + '42</answer>', '42'),
 ])
 def test_one_megabyte_is_fast(completion, truth):
     t0 = time.perf_counter()
