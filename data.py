@@ -25,6 +25,8 @@ checkpoint so one loading path serves both. sft.py, grpo.py and eval.py draw it 
 
 import argparse
 import collections
+import contextlib
+import functools
 import json
 import math
 import os
@@ -33,6 +35,7 @@ import re
 import sys
 import tempfile
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -72,28 +75,126 @@ IMAGE_PAD = "<|image_pad|>"
 
 
 # -----------------------------------------------------------------------------
+# command-line errors: every script (data, sample, eval, sft, grpo) reports them the same way
+
+
+class BadInput(ValueError):
+    """A command-line error: a bad file, row, checkpoint or flag value. The scripts print it as
+    one line and exit with status 2 (see `cli`); called from Python it is a ValueError."""
+
+
+def cli(prog, main, argv=None):
+    """Run a script's main(argv). A BadInput or a file system error (missing file, no permission)
+    becomes one line on stderr, "prog: error: ...", and exit status 2, with no traceback: what
+    went wrong is the user's input, not the code. Anything else propagates with its traceback."""
+    try:
+        return main(argv)
+    except (BadInput, OSError) as e:
+        print(f"{prog}: error: " + " ".join(str(e).split()), file=sys.stderr, flush=True)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line ("prog: error: ...", exit status 2) like `cli`'s."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def at_least(low, kind=int, below=None):
+    """An argparse type: a finite number >= low (and < below, if given). A nonsensical value
+    (--steps -5, --batch-size 0, --lr nan) is refused before anything is loaded."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
+        if not math.isfinite(value) or value < low or (below is not None and value >= below):
+            bound = f">= {low}" + (f" and < {below}" if below is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def positive(kind=int):
+    """An argparse type: a finite number > 0 (ints: >= 1)."""
+    if kind is int:
+        return at_least(1)
+
+    def parse(text):
+        value = at_least(0.0, float)(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    parse.__name__ = "float"
+    return parse
+
+
+# -----------------------------------------------------------------------------
 # images
+
+MAX_ASPECT = 200  # Qwen's processor refuses images longer than 200:1 on a side
 
 
 def load_image(path):
-    """Open an image file as RGB. Missing file -> FileNotFoundError, unreadable -> ValueError."""
+    """Open an image file, decode it fully and convert it to RGB. Missing file ->
+    FileNotFoundError; unreadable, truncated, a decompression bomb (more pixels than PIL's
+    Image.MAX_IMAGE_PIXELS) or longer than MAX_ASPECT:1 -> BadInput (a ValueError)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path}")
     try:
-        with Image.open(path) as im:
-            im.load()  # decode now, so a truncated file fails here and not later
-            return to_rgb(im)
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
+        with warnings.catch_warnings():
+            # PIL only warns between its limit and twice it; both are refused here
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()  # decode now, so a truncated file fails here and not later
+                rgb = to_rgb(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as e:
+        raise BadInput(f"cannot read image {path}: {e}") from e
+    w, h = rgb.size
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise BadInput(f"image {path} is {w}x{h}: an aspect ratio over {MAX_ASPECT}:1 (Qwen's processor refuses it)")
+    return rgb
+
+
+@functools.lru_cache(maxsize=65536)
+def _checked_image(path, mtime_ns, size):
+    """load_image once per version of a file (rows that share an image check it once)."""
+    load_image(path)
+
+
+def check_image(path):
+    """Raise BadInput unless the image file can be used for training (see load_image)."""
+    st = os.stat(path)
+    _checked_image(path, st.st_mtime_ns, st.st_size)
 
 
 def to_rgb(image):
-    """RGB copy of a PIL image; transparency is composited onto white (as transformers does)."""
+    """RGB copy of a PIL image; transparency is composited onto white (as transformers does). A
+    16-bit greyscale image is scaled to 8 bits (PIL's convert would clip it to black and white)."""
+    if image.mode == "I" or image.mode.startswith("I;16"):  # "I": how some readers open 16-bit PNGs
+        a = np.asarray(image).astype(np.float64)
+        image = Image.fromarray(np.clip(np.round(a / 257), 0, 255).astype(np.uint8), "L")
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
     return image.convert("RGB")
+
+
+def preprocessor_config(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
+    """preprocessor_config.json of Qwen2.5-VL's image processor with this file's constants: what
+    transformers' AutoImageProcessor reads from a checkpoint directory (process_image's numbers)."""
+    return dict(image_processor_type="Qwen2VLImageProcessor", processor_class="Qwen2_5_VLProcessor",
+                patch_size=PATCH_SIZE, temporal_patch_size=TEMPORAL_PATCH_SIZE, merge_size=MERGE_SIZE,
+                min_pixels=min_pixels, max_pixels=max_pixels,
+                size={"shortest_edge": min_pixels, "longest_edge": max_pixels},  # transformers 5's form
+                image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD), do_resize=True,
+                do_rescale=True, rescale_factor=1 / 255, do_normalize=True, do_convert_rgb=True)
 
 
 def smart_resize(height, width, factor=FACTOR, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
@@ -156,7 +257,33 @@ def load_tokenizer(path):
     if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json")):
         raise FileNotFoundError(f"no tokenizer files (tokenizer.json / vocab.json) in {path}")
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except OSError:
+        raise
+    except Exception as e:  # the tokenizers library raises bare Exceptions on a malformed file
+        raise BadInput(f"cannot load the tokenizer of {path}: {e}") from e
+
+
+@contextlib.contextmanager
+def checkpoint_errors(path):
+    """Loading the checkpoint at `path`: a mismatch with its config, a malformed config.json or a
+    corrupt safetensors file becomes a BadInput naming it (a missing file stays an OSError)."""
+    from safetensors import SafetensorError
+    try:
+        yield
+    except (KeyError, ValueError, SafetensorError) as e:
+        if isinstance(e, BadInput):
+            raise
+        why = e.args[0] if isinstance(e, KeyError) and e.args else e  # a KeyError's str() is quoted
+        raise BadInput(f"bad checkpoint {path}: {why}") from e
+
+
+def open_model(path, dtype=torch.float32, device="cpu"):
+    """model.load_model for the scripts, with checkpoint_errors."""
+    import model as M
+    with checkpoint_errors(path):
+        return M.load_model(path, dtype=dtype, device=device)
 
 
 def special_ids(tokenizer):
@@ -277,9 +404,11 @@ def collate(items, pad_id, padding_side="right"):
 #             family, level, subject, problem_version, the raw question, ...), for breakdowns
 #   source    "file:line" (JSON files: "file:[key]" or "file:[index]")
 #
-# Image paths are taken relative to the data file's directory; files are checked to exist but are
-# not opened (too slow for big sets). A bad row (malformed JSON, missing key, wrong type, missing
-# image) raises ValueError("file:line: problem"), or is skipped and counted with skip_bad=True.
+# Image paths are taken relative to the data file's directory; every image is opened, decoded and
+# converted when its row is read (once per file), so an image that would stop a run hours in stops
+# it before it starts. A bad row (malformed JSON, missing key, wrong type, a missing or unreadable
+# image, a Qwen special token typed in the text) raises BadInput("file:line: problem"), or is
+# skipped and counted with skip_bad=True. A file with no usable row is an error either way.
 
 READER_FORMATS = ("ours", "mathvista", "mathverse", "mathvision", "sharegpt")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -317,12 +446,14 @@ def _str_list(row, key, optional=False):
 
 
 def _image_paths(paths, base_dir):
-    """Absolute paths of the images, relative ones taken from base_dir; each must exist."""
+    """Absolute paths of the images, relative ones taken from base_dir; each must exist and
+    decode (check_image)."""
     out = []
     for p in paths:
         full = os.path.normpath(os.path.join(base_dir, p))  # an absolute p is kept as is
         if not os.path.isfile(full):
             raise ValueError(f"image not found: {full}")
+        check_image(full)
         out.append(full)
     return out
 
@@ -527,14 +658,16 @@ def detect_format(row):
 
 def _rows(path):
     """Yield (where, row-or-error): JSONL line by line; a .json file whose top level is a dict
-    of dicts (MathVista's annotation, keyed by pid) or a list of objects, entry by entry."""
+    of objects (MathVista's annotation, keyed by pid: most values are objects; one that is not
+    is a bad row) or a list, entry by entry. A .json file that does not parse as one JSON
+    value is read as JSONL."""
     if path.endswith(".json"):
         with open(path, encoding="utf-8") as f:
             try:
                 data = json.load(f)
             except json.JSONDecodeError:
                 data = None  # maybe JSONL named .json
-        if isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()):
+        if isinstance(data, dict) and sum(isinstance(v, dict) for v in data.values()) * 2 > len(data):
             yield from ((f"{path}:[{k}]", v) for k, v in data.items())
             return
         if isinstance(data, list):
@@ -550,33 +683,48 @@ def _rows(path):
                 yield f"{path}:{lineno}", ValueError(f"malformed JSON: {e}")
 
 
+def check_text(record):
+    """A Qwen special token typed in a question, option or solution would be read as the real
+    token (an <|image_pad|> with no image behind it breaks the forward): a bad row."""
+    texts = [record["question"], record["solution"] or "", *(record["choices"] or [])]
+    for t in SPECIAL_TOKENS:
+        if any(t in x for x in texts):
+            raise ValueError(f"the text contains the special token {t}")
+
+
 def load_records(path, fmt="auto", skip_bad=False):
     """Read a data file into records -> (records, n_bad). fmt: "auto" (from the first good row's
-    keys) or one of READER_FORMATS. A bad row raises ValueError("file:line: problem") unless
-    skip_bad, which skips and counts it."""
+    keys) or one of READER_FORMATS. A bad row raises BadInput("file:line: problem") unless
+    skip_bad, which skips and counts it. No usable row at all is a BadInput either way."""
     path = os.fspath(path)
     if fmt != "auto" and fmt not in READERS:
-        raise ValueError(f"unknown format {fmt!r}; expected auto or one of {READER_FORMATS}")
+        raise BadInput(f"unknown format {fmt!r}; expected auto or one of {READER_FORMATS}")
     base_dir = os.path.dirname(os.path.abspath(path))
     records, n_bad = [], 0
-    for where, row in _rows(path):
-        try:
-            if isinstance(row, ValueError):
-                raise row
-            if not isinstance(row, dict):
-                raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-            if fmt == "auto":
-                fmt = detect_format(row)
-            rec = READERS[fmt](row, base_dir)
-        except ValueError as e:
-            if not skip_bad:
-                raise ValueError(f"{where}: {e}") from None
-            n_bad += 1
-            continue
-        if rec["id"] is None:  # ShareGPT rows may have no id: name them by file and line
-            rec["id"] = os.path.basename(where)
-        rec["source"] = where
-        records.append(rec)
+    try:
+        for where, row in _rows(path):
+            try:
+                if isinstance(row, ValueError):
+                    raise row
+                if not isinstance(row, dict):
+                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+                if fmt == "auto":
+                    fmt = detect_format(row)
+                rec = READERS[fmt](row, base_dir)
+                check_text(rec)
+            except ValueError as e:
+                if not skip_bad:
+                    raise BadInput(f"{where}: {e}") from None
+                n_bad += 1
+                continue
+            if rec["id"] is None:  # ShareGPT rows may have no id: name them by file and line
+                rec["id"] = os.path.basename(where)
+            rec["source"] = where
+            records.append(rec)
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{path}: not UTF-8 text ({e})") from None
+    if not records:
+        raise BadInput(f"{path}: no usable rows" + (f" ({n_bad} bad rows skipped)" if n_bad else ""))
     return records, n_bad
 
 
@@ -616,6 +764,39 @@ def format_question(record, suffix=None):
         text += "\nChoices:\n" + "\n".join(f"{LETTERS[i]}. {c}"
                                            for i, c in enumerate(record["choices"]))
     return text + "\n" + suffix if suffix else text
+
+
+def prompt_length(tokenizer, question, images, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
+    """len(encode_prompt(...)["input_ids"]) without processing any pixels: the text is tokenized
+    and each image counts its merged tokens from its size (a file is opened for its header only)."""
+    n = len(_ids(tokenizer, prompt_text(tokenizer, question, len(images))))
+    n -= len(images)  # each <|image_pad|> placeholder is one token before expansion
+    for im in images:
+        if isinstance(im, Image.Image):
+            w, h = im.size
+        else:
+            with Image.open(im) as f:
+                w, h = f.size
+        rh, rw = smart_resize(h, w, FACTOR, min_pixels, max_pixels)
+        n += (rh // FACTOR) * (rw // FACTOR)
+    return n
+
+
+def within_budget(records, length, budget, skip_bad, flag):
+    """-> (the records with length(record) <= budget tokens, how many were not). A record over
+    the budget is a bad row: BadInput naming its file:line (and `flag`, the budget's option),
+    or, with skip_bad, skipped and counted. None left is a BadInput either way."""
+    kept = []
+    for r in records:
+        n = length(r)
+        if n <= budget:
+            kept.append(r)
+        elif not skip_bad:
+            raise BadInput(f"{r.get('source') or r.get('id')}: {n} tokens, over {flag} {budget} "
+                           "(--skip-bad skips such rows)")
+    if not kept:
+        raise BadInput(f"no row fits in {flag} {budget} ({len(records)} rows over it)")
+    return kept, len(records) - len(kept)
 
 # -----------------------------------------------------------------------------
 # R1 traces -> SFT records: the paper's filters for the first SFT set (`python data.py traces`)
@@ -775,8 +956,8 @@ def traces_to_sft(records, max_words=MAX_TRACE_WORDS, markers=REFLECTION_MARKERS
         traces = rec["meta"].get("traces")
         if not isinstance(traces, list) or not all(isinstance(t, dict) and isinstance(t.get("text"), str)
                                                    for t in traces):
-            raise ValueError(f"{rec['source']}: key 'traces' must be a list of {{text, ...}} "
-                             f"(the output of sample.py --task reason)")
+            raise BadInput(f"{rec['source']}: key 'traces' must be a list of {{text, ...}} "
+                           f"(the output of sample.py --task reason)")
         solution, cut, c = filter_traces(rec, traces, max_words, markers)
         for k, v in c.items():
             counts[k] += v
@@ -791,18 +972,26 @@ def traces_to_sft(records, max_words=MAX_TRACE_WORDS, markers=REFLECTION_MARKERS
 
 
 def traces_main(argv=None):
-    ap = argparse.ArgumentParser(prog="traces", description="filter R1 traces (sample.py --task "
-                                 "reason) into SFT records: shortest correct trace per record")
+    """`python data.py traces ...` -> the filters' counts; a bad input exits with status 2."""
+    return cli("data.py traces", traces_command, argv)
+
+
+def traces_command(argv=None):
+    ap = ArgumentParser(prog="data.py traces", description="filter R1 traces (sample.py --task "
+                        "reason) into SFT records: shortest correct trace per record")
     ap.add_argument("--data", required=True, help="the reason step's JSONL (records with `traces`)")
     ap.add_argument("--out", required=True, help="SFT JSONL to write (our record form; solution = "
                     "<think>...</think> summary <answer>X</answer>; images as in --data)")
-    ap.add_argument("--max-words", type=int, default=MAX_TRACE_WORDS,
+    ap.add_argument("--max-words", type=at_least(1), default=MAX_TRACE_WORDS,
                     help="drop traces with more words than this (the raw completion)")
     ap.add_argument("--markers", default="|".join(REFLECTION_MARKERS), help="'|'-separated "
                     "reflection markers: the reasoning is cut at the first one after the answer "
                     "appears ('' = no cutting)")
+    ap.add_argument("--skip-bad", action="store_true", help="skip and count bad rows (default: stop at the first)")
     args = ap.parse_args(argv)
-    records, _ = load_records(args.data)
+    records, n_bad = load_records(args.data, skip_bad=args.skip_bad)
+    if n_bad:
+        print(f"skipped {n_bad} bad rows of {args.data}")
     rows, c = traces_to_sft(records, args.max_words, tuple(m for m in args.markers.split("|") if m))
     write_jsonl(args.out, rows)
     n = sum(c[k] for k in DROP_REASONS + ("kept",))

@@ -13,10 +13,10 @@ from the benchmarks' official scripts: MathVista and MathVerse ask GPT-4 to extr
 the answer; we use no LLM, so scores are deterministic and free, and a model that does not
 write a parseable answer scores 0 on that item. Prints accuracy overall and by question_type,
 answer_type, family, level, subject (where the data has them); writes one JSON line per item
-(id, completion, extracted answer, correct) with --out; its last line is `accuracy X`.
+(id, completion, extracted answer, correct) with --out, batch by batch: a rerun with the same
+--out skips the items already there (a crash loses one batch). Its last line is `accuracy X`.
 """
 
-import argparse
 import json
 import math
 import os
@@ -26,7 +26,6 @@ import torch
 import torch.distributed as dist
 
 import data
-import model as M
 import reward
 import sample
 
@@ -127,10 +126,11 @@ def format_summary(summary):
 @torch.no_grad()
 def evaluate(model, tokenizer, records, batch_size=32, max_new_tokens=256, temperature=0.0,
              suffix="", max_pixels=512 * 512, min_pixels=data.MIN_PIXELS, rank=0, world_size=1,
-             progress=True):
+             progress=True, sink=None):
     """Greedy completions for every record, scored. Under torchrun each rank takes every
     world_size-th record; every rank runs the same number of generate calls (an FSDP model
-    gathers its weights collectively in each), and the results are gathered on every rank.
+    gathers its weights collectively in each), and each call's results are gathered on every
+    rank, then passed to sink(rows in record order) if given (eval.py appends them to --out).
     Returns (results in record order, summary)."""
     from tqdm import tqdm
     was_training = model.training
@@ -149,13 +149,17 @@ def evaluate(model, tokenizer, records, batch_size=32, max_new_tokens=256, tempe
                 for i in todo]
         s = sample.generate(model, encs, n=1, max_new_tokens=max_new_tokens, temperature=temperature,
                             keys=todo, tokenizer=tokenizer, pad_id=pad_id)
-        out += [(i, score(records[i], s.texts[j])) for j, i in enumerate(idx)]
+        new = [(i, score(records[i], s.texts[j])) for j, i in enumerate(idx)]
+        if world_size > 1:
+            parts = [None] * world_size
+            torch.distributed.all_gather_object(parts, new)
+            new = [x for p in parts for x in p]
+        new.sort(key=lambda x: x[0])  # call c covers records [c, c + 1) * batch_size * world_size
+        if sink is not None:
+            sink([r for _, r in new])
+        out += new
         bar.update(len(idx) * world_size)
     bar.close()
-    if world_size > 1:
-        parts = [None] * world_size
-        torch.distributed.all_gather_object(parts, out)
-        out = [x for p in parts for x in p]
     results = [r for _, r in sorted(out, key=lambda x: x[0])]
     model.train(was_training)
     return results, summarize(results)
@@ -166,38 +170,55 @@ def rescore(records, predictions_path):
     Several lines per id (n samples each) are all scored."""
     by_id = {r["id"]: r for r in records}
     results = []
-    with open(predictions_path) as f:
+    with open(predictions_path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            p = json.loads(line)
-            if p.get("id") not in by_id:
-                raise KeyError(f"{predictions_path}:{lineno}: id {p.get('id')!r} is not in the data file")
+            try:
+                p = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise data.BadInput(f"{predictions_path}:{lineno}: malformed JSON ({e})") from None
+            if not isinstance(p, dict) or p.get("id") not in by_id:
+                raise data.BadInput(f"{predictions_path}:{lineno}: id {p.get('id') if isinstance(p, dict) else p!r} "
+                                    "is not in the data file")
             text = p.get("text", p.get("completion"))
             if not isinstance(text, str):
-                raise ValueError(f"{predictions_path}:{lineno}: no 'text' or 'completion' string")
+                raise data.BadInput(f"{predictions_path}:{lineno}: no 'text' or 'completion' string")
             results.append(score(by_id[p["id"]], text))
+    if not results:
+        raise data.BadInput(f"{predictions_path}: no predictions")
     return results, summarize(results)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parser():
+    p = data.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="checkpoint directory (HF layout, with tokenizer)")
     p.add_argument("--data", help="benchmark file (JSONL: ours, MathVista, MathVerse, MathVision; "
                                   "or MathVista's annotation JSON); default: the synthetic test split")
-    p.add_argument("--n-test", type=int, default=2000, help="held-out synthetic problems when --data is not "
-                   "given (the staircase's 2000; the first N of them)")
-    p.add_argument("--limit", type=int, default=0, help="evaluate the first N items only (0 = all)")
-    p.add_argument("--batch-size", type=int, default=32, help="prompts per generation call, per process")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="completion budget, tokens")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--n-test", type=data.at_least(1), default=2000, help="held-out synthetic problems when "
+                   "--data is not given (the staircase's 2000; the first N of them)")
+    p.add_argument("--limit", type=data.at_least(0), default=0, help="evaluate the first N items only (0 = all)")
+    p.add_argument("--batch-size", type=data.at_least(1), default=32, help="prompts per generation call, per process")
+    p.add_argument("--max-new-tokens", type=data.at_least(1), default=256, help="completion budget, tokens")
+    p.add_argument("--temperature", type=data.at_least(0.0, float), default=0.0, help="0 = greedy")
     p.add_argument("--suffix", default="", help="text after each question: '' (default, the synthetic "
                                                  "world), 'r1' (the paper's prompt) or a literal string")
-    p.add_argument("--max-pixels", type=int, default=512 * 512, help="image resize cap, pixels")
-    p.add_argument("--out", help="write per-item results (JSONL) here")
+    p.add_argument("--max-pixels", type=data.at_least(data.MIN_PIXELS), default=512 * 512, help="image resize cap, pixels")
+    p.add_argument("--out", help="write per-item results (JSONL) here, batch by batch; a rerun skips the ids already there")
     p.add_argument("--predictions", help="rescore this JSONL of completions (id, text) instead of generating")
-    p.add_argument("--skip-bad", action="store_true", help="skip and count malformed rows instead of failing")
+    p.add_argument("--skip-bad", action="store_true", help="skip and count bad rows (malformed, unreadable image, "
+                   "prompt over the context) instead of stopping at the first")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    return p
+
+
+def main(argv=None):
+    """The command line; a bad file, row, checkpoint or flag value exits with status 2."""
+    return data.cli("eval.py", eval_main, argv)
+
+
+def eval_main(argv=None):
+    p = parser()
     a = p.parse_args(argv)
     if a.data:
         records, n_bad = data.load_records(a.data, skip_bad=a.skip_bad)
@@ -209,25 +230,68 @@ def main(argv=None):
         records = records[:a.limit]
     if a.predictions:
         results, summary = rescore(records, a.predictions)
+        if a.out:
+            data.write_jsonl(a.out, results)
     else:
         if not a.model:
             p.error("--model is required unless --predictions is given")
-        rank, world, device = dist_init() if a.device != "cpu" or "RANK" in os.environ else (0, 1, a.device)
-        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-        t0 = time.time()
-        model = M.load_model(a.model, dtype=dtype, device=device)  # replicated: data-parallel eval
-        tok = data.load_tokenizer(a.model)
-        results, summary = evaluate(model, tok, records, a.batch_size, a.max_new_tokens, a.temperature,
-                                    a.suffix, a.max_pixels, rank=rank, world_size=world)
-        print0(f"evaluated {len(records)} items in {time.time() - t0:.1f}s")
-        if rank != 0:
-            dist_cleanup()
-            return
-    if a.out:
-        data.write_jsonl(a.out, results)
+        results, summary = generate_and_score(a, records)
+        if results is None:
+            return  # not rank 0
     print(format_summary(summary))
-    if not a.predictions:
-        dist_cleanup()
+
+
+def generate_and_score(a, records):
+    """eval.py with a model: the prompts over the context are bad rows; the ids already in --out
+    are skipped; each batch's results are appended to --out. -> (results, summary) on rank 0,
+    (None, None) on the others."""
+    rank, world, device = dist_init() if a.device != "cpu" or "RANK" in os.environ else (0, 1, a.device)
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    t0 = time.time()
+    model = data.open_model(a.model, dtype=dtype, device=device)  # replicated: data-parallel eval
+    tok = data.load_tokenizer(a.model)
+    suffix = data.SUFFIXES.get(a.suffix, a.suffix)
+    length = lambda r: data.prompt_length(tok, data.format_question(r, suffix), r["images"], max_pixels=a.max_pixels)
+    records, n_long = data.within_budget(records, length, model.config.max_position_embeddings - a.max_new_tokens,
+                                         a.skip_bad, "the context left for --max-new-tokens,")
+    if n_long:
+        print0(f"skipped {n_long} prompts over the context")
+    done = load_done(a.out) if a.out else {}
+    todo = [r for r in records if r["id"] not in done]
+    if done:
+        print0(f"{len(records) - len(todo)} of {len(records)} items already in {a.out}, {len(todo)} to evaluate")
+    f = open(a.out, "a", encoding="utf-8") if a.out and rank == 0 else None
+
+    def append(rows):
+        if f is not None:
+            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            f.flush()
+    new, _ = evaluate(model, tok, todo, a.batch_size, a.max_new_tokens, a.temperature, a.suffix, a.max_pixels,
+                      rank=rank, world_size=world, sink=append) if todo else ([], None)
+    if f is not None:
+        f.close()
+    print0(f"evaluated {len(todo)} items in {time.time() - t0:.1f}s")
+    dist_cleanup()
+    if rank != 0:
+        return None, None
+    by_id = {**done, **{r["id"]: r for r in new}}
+    results = [by_id[r["id"]] for r in records]
+    if a.out:
+        data.write_jsonl(a.out, results)  # in record order, without rows of other ids
+    return results, summarize(results)
+
+
+def load_done(out_path):
+    """{id: result row} already in --out (sample.load_done: a last line cut short is dropped).
+    Under torchrun rank 0 reads it and the others receive it, so no rank reads a file being
+    rewritten."""
+    rows = [None]
+    if is_main():
+        rows = [{r["id"]: r for r in sample.load_done(out_path)
+                 if isinstance(r, dict) and "id" in r and isinstance(r.get("correct"), bool)}]
+    if dist.is_initialized():
+        dist.broadcast_object_list(rows, src=0)
+    return rows[0]
 
 
 if __name__ == "__main__":

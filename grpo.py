@@ -9,7 +9,8 @@ One rollout, in main(): 1) `rollout`: G completions for each of P prompts (sampl
 gathered once); 2) `score`: reward 1 if the answer matches, else 0 (reward.py), and group
 advantages; 3) `reference_logps`: log-probs of the drawn tokens under the frozen start model and,
 if the rollout is reused, under the sampling policy; 4) `update`: one optimizer step per minibatch
-on the clipped objective (`grpo_loss`, formula below); 5) `rollout_metrics`: a line of
+on the clipped objective (`grpo_loss`, formula below; a step whose loss or gradient norm is not
+finite is skipped, and 3 in a row stop the run); 5) `rollout_metrics`: a line of
 metrics.jsonl (reward, accuracy per family, kl, clip_frac, entropy, signal_frac: the share of
 groups whose rewards differ, time per phase; test_accuracy every --eval-every rollouts).
 
@@ -25,6 +26,7 @@ The last section, `staircase`, runs the demo's five stages from nothing.
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch
@@ -228,11 +230,13 @@ def policy_loss(policy, mb, n_norm, a, pad_id, device, autocast):
     return loss, st, ent
 
 
-def update(policy, opt, items, a, pad_id, world, device, autocast):
+def update(policy, opt, items, a, pad_id, world, device, autocast, guard=None, rollout=0):
     """mu passes over the rollout's rows, one optimizer step per minibatch (this rank's rows of
-    prompts_per_step prompts), micro-batches accumulated. -> summed stats for the metrics."""
+    prompts_per_step prompts), micro-batches accumulated. A step whose loss or gradient norm is
+    not finite is skipped (guard: sft.FiniteGuard, which stops the run after 3 in a row).
+    -> summed stats for the metrics."""
     policy.train()
-    stats = dict(loss=0.0, kl=0.0, clipped=0, tokens=0, entropy=0.0, grad_norm=0.0)
+    stats = dict(loss=0.0, kl=0.0, clipped=0, tokens=0, entropy=0.0, grad_norm=0.0, skipped=0)
     rows_per_step = a.prompts_per_step // world * a.group_size
     for _ in range(a.mu):
         for s0 in range(0, len(items), rows_per_step):
@@ -242,17 +246,24 @@ def update(policy, opt, items, a, pad_id, world, device, autocast):
             n_tok, n_seq = E.all_reduce_sum(n)
             n_norm = (n_seq if a.seq_mean else n_tok).clamp(min=1)
             opt.zero_grad(set_to_none=True)
+            step_loss = torch.zeros((), dtype=torch.float64, device=device)
             for m0 in range(0, len(step_items), a.micro_batch):
                 loss, st, ent = policy_loss(policy, step_items[m0:m0 + a.micro_batch], n_norm, a, pad_id,
                                             device, autocast)
                 (loss * world).backward()  # FSDP averages gradients over ranks; the loss is already a global mean
+                step_loss += loss.detach()
                 stats["loss"] += loss.item()
                 for k in ("kl", "clipped", "tokens"):
                     stats[k] += st[k]
                 stats["entropy"] += ent.sum().item()
             gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), GRAD_CLIP)
             stats["grad_norm"] = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
-            opt.step()
+            # the global loss and norm: every rank takes or skips the step alike
+            if guard is None or guard.ok(E.all_reduce_sum(step_loss).item(), stats["grad_norm"], rollout):
+                opt.step()
+            else:
+                stats["skipped"] += 1
+    opt.zero_grad(set_to_none=True)
     return stats
 
 
@@ -278,7 +289,8 @@ def rollout_metrics(step, a, s, scores, stats, recs, times, device, t_start):
     n_opt, T = a.mu * a.prompts_per_rollout // a.prompts_per_step, max(tokens, 1)
     row = dict(step=step + 1, reward=rew / R, accuracy=acc / R, format=fmt / R, kl=kl / T, clip_frac=clipped / T,
                entropy=ent / T, response_length=gen / R, signal_frac=signal / P, loss=loss / n_opt,
-               grad_norm=stats["grad_norm"], lr=a.lr, **{f"time_{k}": v for k, v in times.items()},
+               grad_norm=stats["grad_norm"], skipped_steps=stats["skipped"], lr=a.lr,
+               **{f"time_{k}": v for k, v in times.items()},
                tokens_per_s=gen / max(sum(times.values()), 1e-9), elapsed=time.time() - t_start)
     row.update({f"accuracy_{name}": float(fam[i, 0] / fam[i, 1]) for i, name in enumerate(data.FAMILIES) if fam[i, 1] > 0})
     return row
@@ -295,43 +307,48 @@ def test_metrics(policy, tok, test, step, rank, world):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="GRPO on a vision-language model (see the module docstring)")
+    p = data.ArgumentParser(prog="grpo.py", description="GRPO on a vision-language model (see the module docstring)")
+    n0, n1, pos, nonneg = data.at_least(0), data.at_least(1), data.positive(float), data.at_least(0.0, float)
     # model and data
     p.add_argument("--model", default="runs/sft1", help="policy to start from (checkpoint dir); also the KL reference")
     p.add_argument("--data", default=None, help="training prompts (JSONL, any reader format); default: synthetic problems")
-    p.add_argument("--n-train", type=int, default=4000, help="synthetic training problems when --data is not given")
+    p.add_argument("--n-train", type=n1, default=4000, help="synthetic training problems when --data is not given")
     p.add_argument("--level", default="hard", choices=["easy", "hard", "mix"], help="their level")
     p.add_argument("--out", default="runs/grpo1", help="output directory (checkpoints, metrics.jsonl)")
     p.add_argument("--suffix", default="", help="text after each question: '' or 'r1' (the paper's prompt)")
-    p.add_argument("--max-pixels", type=int, default=512 * 512, help="image resize cap, pixels")
-    p.add_argument("--max-prompt-len", type=int, default=6144, help="longest prompt, tokens")
+    p.add_argument("--max-pixels", type=data.at_least(data.MIN_PIXELS), default=512 * 512, help="image resize cap, pixels")
+    p.add_argument("--max-prompt-len", type=n1, default=6144, help="longest prompt, tokens: a longer one is a bad "
+                   "row, found when the data is loaded")
+    p.add_argument("--skip-bad", action="store_true", help="skip and count bad rows of --data (malformed, unreadable "
+                   "image, prompt over --max-prompt-len); default: stop before training, naming the first")
     # sampling
-    p.add_argument("--group-size", type=int, default=8, help="G: completions per prompt")
-    p.add_argument("--temperature", type=float, default=1.0, help="rollout temperature")
-    p.add_argument("--top-p", type=float, default=1.0, help="rollout nucleus mass")
-    p.add_argument("--max-new-tokens", type=int, default=192, help="completion budget, tokens")
+    p.add_argument("--group-size", type=n1, default=8, help="G: completions per prompt")
+    p.add_argument("--temperature", type=nonneg, default=1.0, help="rollout temperature")
+    p.add_argument("--top-p", type=sample.top_p, default=1.0, help="rollout nucleus mass")
+    p.add_argument("--max-new-tokens", type=n1, default=192, help="completion budget, tokens")
     # objective
-    p.add_argument("--beta", type=float, default=0.1, help="KL coefficient (k3 estimator to the start model); "
+    p.add_argument("--beta", type=nonneg, default=0.1, help="KL coefficient (k3 estimator to the start model); "
                    "the paper's 0.01 goes with its lr 1e-6, the demo's lr 1e-4 needs a firmer anchor")
-    p.add_argument("--clip-low", type=float, default=0.2, help="eps_low: ratio floor 1 - eps_low")
-    p.add_argument("--clip-high", type=float, default=0.3, help="eps_high: ratio ceiling 1 + eps_high")
-    p.add_argument("--dual-clip", type=float, default=3.0, help="cap on the loss of negative-advantage tokens, x|A|")
+    p.add_argument("--clip-low", type=data.at_least(0.0, float, below=1.0), default=0.2, help="eps_low: ratio floor 1 - eps_low")
+    p.add_argument("--clip-high", type=nonneg, default=0.3, help="eps_high: ratio ceiling 1 + eps_high")
+    p.add_argument("--dual-clip", type=data.at_least(1.0, float), default=3.0,
+                   help="cap on the loss of negative-advantage tokens, x|A|")
     p.add_argument("--no-std", action="store_true", help="advantage r - mean(r), without dividing by std (Dr.GRPO)")
     p.add_argument("--seq-mean", action="store_true", help="mean per completion, then over completions (default: token-mean)")
-    p.add_argument("--format-weight", type=float, default=0.0, help="weight of the format reward (paper: 0)")
+    p.add_argument("--format-weight", type=nonneg, default=0.0, help="weight of the format reward (paper: 0)")
     # optimization
-    p.add_argument("--steps", type=int, default=100, help="rollouts")
-    p.add_argument("--prompts-per-rollout", type=int, default=16, help="prompts sampled per rollout (all ranks)")
-    p.add_argument("--prompts-per-step", type=int, default=16, help="prompts per optimizer step (all ranks)")
-    p.add_argument("--mu", type=int, default=1, help="passes over each rollout")
-    p.add_argument("--micro-batch", type=int, default=64, help="sequences per forward/backward, per rank")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (constant, no warmup)")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    p.add_argument("--steps", type=n1, default=100, help="rollouts")
+    p.add_argument("--prompts-per-rollout", type=n1, default=16, help="prompts sampled per rollout (all ranks)")
+    p.add_argument("--prompts-per-step", type=n1, default=16, help="prompts per optimizer step (all ranks)")
+    p.add_argument("--mu", type=n1, default=1, help="passes over each rollout")
+    p.add_argument("--micro-batch", type=n1, default=64, help="sequences per forward/backward, per rank")
+    p.add_argument("--lr", type=pos, default=1e-4, help="AdamW learning rate (constant, no warmup)")
+    p.add_argument("--weight-decay", type=nonneg, default=0.01, help="AdamW weight decay")
     p.add_argument("--freeze-vision", action="store_true", help="do not train the vision tower and merger")
     # bookkeeping
-    p.add_argument("--eval-every", type=int, default=50, help="evaluate on the held-out synthetic test every N rollouts (0: off)")
-    p.add_argument("--eval-n", type=int, default=400, help="held-out items per evaluation")
-    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N rollouts")
+    p.add_argument("--eval-every", type=n0, default=50, help="evaluate on the held-out synthetic test every N rollouts (0: off)")
+    p.add_argument("--eval-n", type=n1, default=400, help="held-out items per evaluation")
+    p.add_argument("--save-every", type=n1, default=50, help="checkpoint every N rollouts")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--seed", type=int, default=0, help="seed for prompt order and sampling")
     p.add_argument("--staircase", action="store_true", help="the whole embedded demo from nothing into runs/ "
@@ -353,8 +370,8 @@ def setup(a, device, world):
     bf16 = a.bf16 if a.bf16 is not None else str(device).startswith("cuda")
     torch.manual_seed(a.seed)
     tok = data.load_tokenizer(a.model)
-    policy = M.load_model(a.model, dtype=torch.float32, device=device)
-    ref = M.load_model(a.model, dtype=torch.bfloat16 if bf16 else torch.float32, device=device).eval()
+    policy = data.open_model(a.model, dtype=torch.float32, device=device)
+    ref = data.open_model(a.model, dtype=torch.bfloat16 if bf16 else torch.float32, device=device).eval()
     ref.requires_grad_(False)
     if a.freeze_vision and hasattr(policy, "visual"):
         policy.visual.requires_grad_(False)
@@ -381,7 +398,27 @@ def build_start_model(seed):
         time.sleep(5)
 
 
+def load_prompts(a, tok):
+    """The training prompts: --data, where a bad row or a prompt over --max-prompt-len is an error
+    naming its file:line (with --skip-bad: skipped and counted), or the synthetic problems."""
+    if not a.data:
+        return data.synth_records(a.n_train, a.level, seed=1)
+    records, n_bad = data.load_records(a.data, skip_bad=a.skip_bad)
+    suffix = data.SUFFIXES.get(a.suffix, a.suffix)
+    length = lambda r: data.prompt_length(tok, data.format_question(r, suffix), r["images"], max_pixels=a.max_pixels)
+    records, n_long = data.within_budget(records, length, a.max_prompt_len, a.skip_bad, "--max-prompt-len")
+    if n_bad + n_long:
+        E.print0(f"skipped {n_bad + n_long} bad rows of {a.data}")
+    return records
+
+
 def main(argv=None):
+    """The command line: a bad file, row, checkpoint or flag value exits with status 2, a run
+    stopped by non-finite numbers with status 1; one line each, no traceback."""
+    return data.cli("grpo.py", grpo_main, argv)
+
+
+def grpo_main(argv=None):
     a = get_args(argv)
     if a.staircase:
         return staircase(seed=a.seed)
@@ -389,18 +426,31 @@ def main(argv=None):
         build_start_model(a.seed)
     rank, world, device = E.dist_init(a.device)
     if a.prompts_per_rollout % a.prompts_per_step or a.prompts_per_step % world:
-        raise SystemExit("--prompts-per-rollout must be a multiple of --prompts-per-step, and that a multiple "
-                         "of the number of processes")
+        raise data.BadInput("--prompts-per-rollout must be a multiple of --prompts-per-step, and that a multiple "
+                            "of the number of processes")
+    sft.claim_out_dir(a.out, a.resume)
+    records = load_prompts(a, data.load_tokenizer(a.model))
+    try:
+        train(a, records, rank, world, device)
+    except sft.NonFinite as e:
+        print(f"grpo.py: error: {e}", file=sys.stderr, flush=True)
+        E.dist_cleanup()
+        sys.exit(1)
+    E.dist_cleanup()
+
+
+def train(a, records, rank, world, device):
+    """The rollouts, from the start or from the latest checkpoint in --out (--resume)."""
     policy, ref, opt, tok, autocast = setup(a, device, world)
-    start, ck = 0, sft.latest_checkpoint(a.out) if a.resume else None
+    start, ck, run_id = 0, sft.latest_checkpoint(a.out) if a.resume else None, sft.new_run_id()
     if ck:
-        start = sft.load_checkpoint(ck, policy, opt)["step"]
+        state = sft.load_checkpoint(ck, policy, opt)
+        start, run_id = state["step"], state["extra"].get("run_id") or run_id
         E.print0(f"resumed from {ck} at step {start}")
-    records = data.load_records(a.data)[0] if a.data else data.synth_records(a.n_train, a.level, seed=1)
     test = data.synth_test_records(a.eval_n) if a.eval_every else None
     log = sft.MetricsLogger(os.path.join(a.out, "metrics.jsonl"), resume_step=start if ck else None)
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(a.seed)).tolist()
-    t_start = time.time()
+    guard, t_start = sft.FiniteGuard(last_good=ck), time.time()
     from tqdm import tqdm
     for step in tqdm(range(start, a.steps), initial=start, total=a.steps, desc="grpo", disable=rank != 0):
         times, t0 = {}, time.time()
@@ -412,17 +462,19 @@ def main(argv=None):
         items = build_sequences(encs, s, adv=scores[3])                              # 3. log-probs
         reference_logps(policy, ref, items, a, pad_of(tok), autocast)
         times["reference"], t0 = time.time() - t0, time.time()
-        stats = update(policy, opt, items, a, pad_of(tok), world, device, autocast)   # 4. update
+        stats = update(policy, opt, items, a, pad_of(tok), world, device, autocast, guard, step + 1)  # 4. update
         times["update"] = time.time() - t0
         row = rollout_metrics(step, a, s, scores, stats, recs, times, device, t_start)  # 5. metrics
         if test is not None and ((step + 1) % a.eval_every == 0 or step + 1 == a.steps):
             row.update(test_metrics(policy, tok, test, step, rank, world))
         log.log(**row)
         if (step + 1) % a.save_every == 0 or step + 1 == a.steps:
-            sft.save_checkpoint(policy, tok, sft.checkpoint_dir(a.out, step + 1), optimizer=opt, step=step + 1)
-    sft.export_model(policy, tok, a.out)  # the final policy, HF layout, at the top of --out
+            path = sft.checkpoint_dir(a.out, step + 1)
+            sft.save_checkpoint(policy, tok, path, optimizer=opt, step=step + 1, extra=dict(run_id=run_id),
+                                source=a.model, max_pixels=a.max_pixels)
+            guard.last_good = path  # save_checkpoint checked that its weights are finite
+    sft.export_model(policy, tok, a.out, source=a.model, max_pixels=a.max_pixels)  # the final policy, HF layout
     log.close()
-    E.dist_cleanup()
 
 
 # -----------------------------------------------------------------------------

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 import torch
 
 import data
-import model as M
 
 # -----------------------------------------------------------------------------
 # sampling on logits
@@ -326,20 +325,36 @@ TASK_DEFAULTS = {  # sampling settings of each --task, where a flag is not given
 }
 
 
+def top_p(text):
+    """An argparse type: a nucleus mass in (0, 1]."""
+    value = data.positive(float)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def sampling_args(p):
     d = "default per --task: " + "; ".join(f"{t} {{}}" for t in TASK_DEFAULTS)
     per_task = lambda k: d.format(*(TASK_DEFAULTS[t][k] for t in TASK_DEFAULTS))
     p.add_argument("--n", type=int, default=None, help="completions per prompt (" + per_task("n") + ")")
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (" + per_task("temperature") + ")")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, 1.0 = off (" + per_task("top_p") + ")")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="completion budget, tokens (" + per_task("max_new_tokens") + ")")
+    p.add_argument("--temperature", type=data.at_least(0.0, float), default=None,
+                   help="0 = greedy (" + per_task("temperature") + ")")
+    p.add_argument("--top-p", type=top_p, default=None, help="nucleus sampling mass, 1.0 = off (" + per_task("top_p") + ")")
+    p.add_argument("--top-k", type=data.at_least(0), default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--max-new-tokens", type=data.at_least(1), default=None,
+                   help="completion budget, tokens (" + per_task("max_new_tokens") + ")")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--max-pixels", type=int, default=512 * 512, help="image resize cap, pixels")
+    p.add_argument("--max-pixels", type=data.at_least(data.MIN_PIXELS), default=512 * 512, help="image resize cap, pixels")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The command line; a bad file, row, checkpoint or flag value exits with status 2."""
+    return data.cli("sample.py", sample_main, argv)
+
+
+def sample_main(argv=None):
+    p = data.ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint directory (HF layout, with tokenizer); "
                    "--task reason takes a text-only qwen2 one (DeepSeek-R1-Distill-Qwen)")
     p.add_argument("--task", default="sample", choices=list(TASK_DEFAULTS),
@@ -351,7 +366,9 @@ def main(argv=None):
     p.add_argument("--question", help="the question (single-prompt mode)")
     p.add_argument("--data", help="JSONL of records (batch mode; --task reason: the caption step's output)")
     p.add_argument("--out", help="output JSONL (batch mode); appended per batch, a rerun resumes")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per generation call")
+    p.add_argument("--batch-size", type=data.at_least(1), default=16, help="prompts per generation call")
+    p.add_argument("--skip-bad", action="store_true", help="skip and count bad rows of --data (unreadable "
+                   "image, prompt over the context, ...); default: stop at the first, naming it")
     p.add_argument("--caption-prompt", default=CAPTION_PROMPT, help="--task caption: the instruction "
                    "shown with the images (default: the paper's, in full)")
     p.add_argument("--reason-prompt", default=REASON_PROMPT, help="--task reason: the text model's "
@@ -371,38 +388,59 @@ def main(argv=None):
         p.error(f"--task {a.task} needs --data and --out")
     if a.task == "sample" and (a.data is None) == (a.question is None):
         p.error("give either --question (with --image) or --data and --out")
+    if a.data and not a.out:
+        p.error("--data needs --out")
     if a.task == "reason" and not all(f in a.reason_prompt for f in ("{caption}", "{question}")):
         p.error("--reason-prompt must contain {caption} and {question}")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(a.dtype) or (
         torch.bfloat16 if a.device.startswith("cuda") else torch.float32)
-    model = M.load_model(a.model, dtype=dtype, device=a.device).eval()
+    model = data.open_model(a.model, dtype=dtype, device=a.device).eval()
     tok = data.load_tokenizer(a.model)
     kw = dict(n=a.n, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
               top_k=a.top_k, seed=a.seed, tokenizer=tok, pad_id=tok.pad_token_id or 0)
     px = dict(max_pixels=a.max_pixels)
+    budget = model.config.max_position_embeddings - a.max_new_tokens  # generate's default
+    rows = lambda length: load_rows(a.data, a.skip_bad, length, budget)
     if a.task == "caption":
-        return run_captions(model, tok, a.data, a.out, a.batch_size, a.caption_prompt, px, kw)
+        return run_captions(model, tok, rows, a.out, a.batch_size, a.caption_prompt, px, kw)
     if a.task == "reason":
-        return run_reasoning(model, tok, a.data, a.out, a.batch_size, a.reason_prompt, kw)
+        return run_reasoning(model, tok, rows, a.out, a.batch_size, a.reason_prompt, kw)
     if a.task == "distill":
-        return run_distill(model, tok, a.data, a.out, a.batch_size, a.suffix, px, kw)
+        return run_distill(model, tok, rows, a.out, a.batch_size, a.suffix, px, kw)
     if a.question is not None:
-        images = [a.image] if a.image else []
-        enc = data.encode_prompt(tok, a.question, images, **px)
-        out = generate(model, [enc], **kw)
-        for j, text in enumerate(out.texts):
-            print(f"--- sample {j} ({int(out.lengths[j])} tokens)\n{text}")
-        return
-    if not a.out:
-        p.error("--data needs --out")
-    run_batch(model, tok, a.data, a.out, a.batch_size, px, kw)
+        return run_one(model, tok, a.question, [a.image] if a.image else [], px, kw)
+    run_batch(model, tok, rows, a.out, a.batch_size, px, kw)
 
 
-def run_batch(model, tok, data_path, out_path, batch_size, px, kw):
+def run_one(model, tok, question, images, px, kw):
+    """One prompt (--question, --image): print its n completions."""
+    try:
+        data.check_text(dict(question=question, solution=None, choices=None))
+    except ValueError as e:
+        raise data.BadInput(f"--question: {e}") from None
+    out = generate(model, [data.encode_prompt(tok, question, images, **px)], **kw)
+    for j, text in enumerate(out.texts):
+        print(f"--- sample {j} ({int(out.lengths[j])} tokens)\n{text}")
+
+
+def load_rows(data_path, skip_bad, length, budget):
+    """The records of data_path whose prompt (length(record) tokens) fits in the context left
+    for the completion; a bad row (see data.load_records) or one over the budget is an error
+    naming its file:line, or with skip_bad skipped and counted."""
+    records, n_bad = data.load_records(data_path, skip_bad=skip_bad)
+    records, n_long = data.within_budget(records, length, budget, skip_bad,
+                                         "the context left for --max-new-tokens,")
+    if n_bad + n_long:
+        print(f"skipped {n_bad + n_long} bad rows of {data_path}", file=sys.stderr)
+    return records
+
+
+def run_batch(model, tok, rows, out_path, batch_size, px, kw):
     """Sample every record of a JSONL file; append one line per completion to out_path. Records
-    whose n completions are already in out_path are skipped (a rerun resumes)."""
+    whose n completions are already in out_path are skipped (a rerun resumes). rows(length) ->
+    the usable records (load_rows)."""
     from tqdm import tqdm
-    records, _ = data.load_records(data_path)
+    records = rows(lambda r: data.prompt_length(tok, data.format_question(r), r["images"], **px))
     done, lines = {}, load_done(out_path)
     for r in lines:
         done[r["id"]] = done.get(r["id"], 0) + 1
@@ -444,7 +482,7 @@ def load_done(out_path):
             rows.append(json.loads(line))
         except json.JSONDecodeError as e:
             if i != len(lines) - 1:  # only the unterminated last line can be a torn write
-                raise ValueError(f"{out_path}:{i + 1}: malformed JSON ({e}); fix or remove the line") from None
+                raise data.BadInput(f"{out_path}:{i + 1}: malformed JSON ({e}); fix or remove the line") from None
             torn = True
     if torn:
         print(f"{out_path}: dropping a last line cut short", file=sys.stderr)
@@ -470,10 +508,10 @@ def run_records(records, out_path, batch_size, task, step):
     return len(todo)
 
 
-def run_captions(model, tok, data_path, out_path, batch_size, prompt, px, kw):
+def run_captions(model, tok, rows, out_path, batch_size, prompt, px, kw):
     """--task caption: one caption per record, of all its images at once (n is 1: a caption is a
     description, not a sample). A record without images gets caption "" and no model call."""
-    records, _ = data.load_records(data_path)
+    records = rows(lambda r: data.prompt_length(tok, prompt, r["images"], **px))
 
     def step(batch):
         seen = [(i, r) for i, r in batch if r["images"]]
@@ -502,7 +540,7 @@ def reason_prompt(tok, template, record):
     put into the template, as one user turn of the model's own chat template."""
     caption = record["meta"].get("caption")
     if not isinstance(caption, str):
-        raise ValueError(f"{record['source']}: record {record['id']!r} has no caption "
+        raise data.BadInput(f"{record['source']}: record {record['id']!r} has no caption "
                          f"(run sample.py --task caption first)")
     fields = {"caption": caption, "question": data.format_question(record)}
     text = re.sub(r"\{(caption|question)\}", lambda m: fields[m.group(1)], template)
@@ -510,11 +548,11 @@ def reason_prompt(tok, template, record):
                                    add_generation_prompt=True)
 
 
-def run_reasoning(model, tok, data_path, out_path, batch_size, template, kw):
+def run_reasoning(model, tok, rows, out_path, batch_size, template, kw):
     """--task reason: n traces per record from a text-only model, written as the record plus
     `traces`: [{text, length, finished}]. R1-Distill's chat template opens <think> in the
     prompt; then "<think>\\n" is put back in front of each text, so a trace reads whole."""
-    records, _ = data.load_records(data_path)
+    records = rows(lambda r: len(tok(reason_prompt(tok, template, r), add_special_tokens=False)["input_ids"]))
 
     def step(batch):
         prompts = [reason_prompt(tok, template, r) for _, r in batch]
@@ -527,12 +565,12 @@ def run_reasoning(model, tok, data_path, out_path, batch_size, template, kw):
     return run_records(records, out_path, batch_size, "reason", step)
 
 
-def run_distill(model, tok, data_path, out_path, batch_size, suffix, px, kw):
+def run_distill(model, tok, rows, out_path, batch_size, suffix, px, kw):
     """--task distill (the iterative loop, paper section 3): the current VLM answers each record
     n times; written as the record plus `traces`, like --task reason, so that `python data.py
     traces` keeps the shortest correct answer of each record as the next SFT set."""
-    records, _ = data.load_records(data_path)
     suffix = data.SUFFIXES.get(suffix, suffix)
+    records = rows(lambda r: data.prompt_length(tok, data.format_question(r, suffix), r["images"], **px))
 
     def step(batch):
         encs = [data.encode_prompt(tok, data.format_question(r, suffix), r["images"], **px) for _, r in batch]

@@ -19,10 +19,13 @@ reply weighs more than a short one, as in the paper's trainer). Prompt, image an
 positions never reach the loss.
 
 Outputs in --out: the final model in the HF layout (config.json, model.safetensors, tokenizer
-files: load_model, eval.py and transformers read it), metrics.jsonl (a line per step), and
-checkpoints/step_N/ (the same + optimizer/ + trainer_state.pt), each written to a .tmp
-directory and renamed into place when complete. One process runs the plain model (no process
-group, no wrapping). How it departs from the paper's trainer: no packing (padded micro-batches);
+files, preprocessor_config.json: load_model, eval.py and transformers read it), metrics.jsonl (a
+line per step), and checkpoints/step_N/ (the same + optimizer.safetensors, optimizer.json and
+trainer_state.json: no pickle anywhere), each written to a .tmp directory and renamed into place
+when complete. An --out belongs to one run: a fresh run refuses one that holds checkpoints. A
+step whose loss or gradient norm is not finite is skipped (3 in a row stop the run), and
+non-finite weights are never saved. One process runs the plain model (no process group, no
+wrapping). How it departs from the paper's trainer: no packing (padded micro-batches);
 the logits are formed at the trained positions only.
 """
 
@@ -33,10 +36,9 @@ import os
 import shutil
 import sys
 import time
-import warnings
+import uuid
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from tqdm import tqdm
@@ -91,34 +93,24 @@ def trained_tokens(labels):
 # data: records -> kept rows (length-checked) -> global batches in a fixed order
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss or the gradient norm is NaN or infinite: the run stops before the update."""
+class NonFinite(RuntimeError):
+    """The run cannot go on: steps in a row with a NaN or infinite loss or gradient norm, or
+    weights that are not finite where they would be saved."""
 
 
-class BadData(ValueError):
-    """A malformed, solution-less or over-long row under --strict, or no trainable rows at all."""
+class BadData(data.BadInput):
+    """A malformed, solution-less or over-long row (without --skip-bad), or no trainable rows."""
 
 
 def encoded_length(tokenizer, question, answer, images, min_pixels, max_pixels):
-    """len(encode_sft(...)["input_ids"]) without processing any pixels: the text is tokenized and
-    each image counts its merged tokens from its size (a file is opened for its header only)."""
-    from PIL import Image
-    text = len(tokenizer(data.prompt_text(tokenizer, question, len(images)), add_special_tokens=False)["input_ids"])
-    n = text - len(images)  # each <|image_pad|> placeholder is one token before expansion
-    for im in images:
-        if isinstance(im, Image.Image):
-            w, h = im.size
-        else:
-            with Image.open(im) as f:
-                w, h = f.size
-        rh, rw = data.smart_resize(h, w, data.FACTOR, min_pixels, max_pixels)
-        n += (rh // data.FACTOR) * (rw // data.FACTOR)
+    """len(encode_sft(...)["input_ids"]) without processing any pixels (data.prompt_length)."""
+    n = data.prompt_length(tokenizer, question, images, min_pixels, max_pixels)
     return n + len(tokenizer(answer, add_special_tokens=False)["input_ids"]) + 1
 
 
 def filter_records(records, tokenizer, max_seq_len, suffix, min_pixels, max_pixels, strict=False):
     """-> (kept records, {reason: count}). A row without a solution, or longer than max_seq_len
-    tokens, is skipped and counted; with strict it is an error naming the row."""
+    tokens, is skipped and counted; with strict (sft.py's default) it is an error naming the row."""
     kept, skipped = [], {}
     for r in records:
         why = None
@@ -130,13 +122,13 @@ def filter_records(records, tokenizer, max_seq_len, suffix, min_pixels, max_pixe
             if n > max_seq_len:
                 why = "longer than --max-seq-len"
                 if strict:
-                    raise BadData(f"row {r.get('id')!r} ({r.get('source', '?')}): {n} tokens > "
-                                     f"--max-seq-len {max_seq_len} (drop --strict to skip such rows)")
+                    raise BadData(f"{r.get('source', '?')}: row {r.get('id')!r}: {n} tokens > "
+                                  f"--max-seq-len {max_seq_len} (--skip-bad skips such rows)")
         if why is None:
             kept.append(r)
             continue
         if strict:
-            raise BadData(f"row {r.get('id')!r} ({r.get('source', '?')}): {why}")
+            raise BadData(f"{r.get('source', '?')}: row {r.get('id')!r}: {why} (--skip-bad skips such rows)")
         skipped[why] = skipped.get(why, 0) + 1
     return kept, skipped
 
@@ -216,6 +208,83 @@ def full_state_dict(model):
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def weights_finite(model):
+    """True when every weight is finite, on every rank (collective under FSDP)."""
+    bad = None
+    for p in model.parameters():
+        t = p.to_local() if hasattr(p, "to_local") else p  # this rank's shard of a DTensor
+        n = (~torch.isfinite(t.detach())).sum()
+        bad = n if bad is None else bad + n
+    return bad is None or int(all_reduce_sum(bad.double())) == 0
+
+
+def check_finite(model, what):
+    if not weights_finite(model):
+        raise NonFinite(f"the weights are not finite: not writing {what}; lower --lr and continue from "
+                        "the last checkpoint with --resume")
+
+
+# what transformers' processors read besides the weights and the tokenizer: a starting directory's
+# files of these kinds travel into every checkpoint and export (ours are never overwritten)
+SIDE_SUFFIXES = (".json", ".jinja", ".txt", ".model")
+OWN_FILES = {"config.json", "trainer_state.json", "optimizer.json", "eval.json", M.SAFETENSORS_INDEX}
+
+
+def write_side_files(model, folder, source=None, max_pixels=None):
+    """Copy the start directory's side files (generation_config.json, preprocessor_config.json,
+    chat_template.json, ...) that `folder` lacks; then, for a model with a vision tower, write a
+    preprocessor_config.json for Qwen2.5-VL's image processor if there still is none."""
+    if source and os.path.isdir(source):
+        for name in sorted(os.listdir(source)):
+            src, dst = os.path.join(source, name), os.path.join(folder, name)
+            side = name.endswith(SIDE_SUFFIXES) or name.startswith(("LICENSE", "NOTICE"))
+            if side and name not in OWN_FILES and os.path.isfile(src) and not os.path.exists(dst):
+                shutil.copyfile(src, dst)
+    pre = os.path.join(folder, "preprocessor_config.json")
+    if getattr(model.config, "vision", None) is not None and not os.path.exists(pre):
+        with open(pre, "w") as f:
+            json.dump(data.preprocessor_config(data.MIN_PIXELS, max_pixels or data.MAX_PIXELS), f, indent=2)
+
+
+def save_optimizer(model, optimizer, folder):
+    """The optimizer's full (unsharded) state, gathered on rank 0: its tensors to
+    optimizer.safetensors, keyed "<parameter name>.<state name>", its param groups to
+    optimizer.json. Loading (load_optimizer) reshards it, so a run may resume on another number
+    of ranks. No pickle. Collective under FSDP."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    osd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not is_main():
+        return
+    tensors, values = {}, {}
+    for name, st in osd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{name}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                values[f"{name}.{k}"] = v
+    save_file(tensors, os.path.join(folder, "optimizer.safetensors"))
+    with open(os.path.join(folder, "optimizer.json"), "w") as f:
+        json.dump({"param_groups": osd["param_groups"], "values": values}, f)
+
+
+def load_optimizer(model, optimizer, folder):
+    """Restore what save_optimizer wrote into `optimizer`, resharded to this run's ranks (every
+    rank reads the full state, then keeps its shard). Collective under FSDP."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    with open(os.path.join(folder, "optimizer.json")) as f:
+        meta = json.load(f)
+    state = {}
+    for key, v in [*load_file(os.path.join(folder, "optimizer.safetensors")).items(), *meta["values"].items()]:
+        name, k = key.rsplit(".", 1)
+        state.setdefault(name, {})[k] = v
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
+    if state:  # an optimizer that never stepped has no state to restore
+        set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups},
+                                 options=StateDictOptions(full_state_dict=True))
+
+
 def _swap_in(tmp, path):
     """Rename the finished directory tmp to path (replacing an older one)."""
     old = path + ".old"
@@ -228,13 +297,14 @@ def _swap_in(tmp, path):
         shutil.rmtree(old)
 
 
-def save_checkpoint(model, tokenizer, path, optimizer=None, step=0, extra=None):
+def save_checkpoint(model, tokenizer, path, optimizer=None, step=0, extra=None, source=None, max_pixels=None):
     """Write a checkpoint directory, atomically: everything goes to path + ".tmp", which is renamed
     to path once complete (a crash leaves the previous checkpoint as it was). Contents: the HF
-    layout (config.json, model.safetensors, tokenizer files; float32 master weights, so a resume
-    is exact), and with an optimizer: optimizer/ (torch.distributed.checkpoint: each rank writes
-    its own shard, and loading reshards, so a run may resume on a different number of ranks)
-    and trainer_state.pt (step, extra, RNG state). Collective under FSDP."""
+    layout (config.json, model.safetensors, tokenizer files, side files: write_side_files;
+    float32 master weights, so a resume is exact), and with an optimizer: save_optimizer's files
+    and trainer_state.json (step, extra, RNG state as lists of ints). Refuses non-finite weights
+    (NonFinite). Collective under FSDP."""
+    check_finite(model, path)
     tmp = path + ".tmp"
     if is_main():
         if os.path.exists(tmp):
@@ -246,37 +316,51 @@ def save_checkpoint(model, tokenizer, path, optimizer=None, step=0, extra=None):
         M.save_model(model, tmp, state_dict=sd)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        write_side_files(model, tmp, source, max_pixels)
     del sd
     if optimizer is not None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-        with warnings.catch_warnings():  # "assuming the intent is to save in a single process": yes
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)},
-                     checkpoint_id=os.path.join(tmp, "optimizer"), no_dist=not dist.is_initialized())
+        save_optimizer(model, optimizer, tmp)
         if is_main():
-            rng = {"torch": torch.get_rng_state()}
+            rng = {"torch": torch.get_rng_state().tolist()}
             if torch.cuda.is_available():
-                rng["cuda"] = torch.cuda.get_rng_state()
-            torch.save({"step": step, "extra": extra or {}, "rng": rng, "world_size": rank_world()[1]},
-                       os.path.join(tmp, "trainer_state.pt"))
+                rng["cuda"] = torch.cuda.get_rng_state().tolist()
+            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+                json.dump({"step": step, "extra": extra or {}, "rng": rng, "world_size": rank_world()[1]}, f)
     barrier()
     if is_main():
         _swap_in(tmp, path)
     barrier()
 
 
+def read_trainer_state(path):
+    """trainer_state.json of a checkpoint, checked -> dict. A checkpoint of the older format
+    (pickled trainer_state.pt and optimizer/) is refused, never unpickled: a pickle can run code."""
+    f = os.path.join(path, "trainer_state.json")
+    if not os.path.isfile(f):
+        old = os.path.isfile(os.path.join(path, "trainer_state.pt"))
+        raise data.BadInput(f"{path}: " + ("a checkpoint of an older format (pickled trainer_state.pt): not "
+                                           "loaded, since unpickling can run code" if old else "no trainer_state.json"))
+    try:
+        with open(f) as fh:
+            state = json.load(fh)
+        ok = (isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("extra"), dict)
+              and all(isinstance(v, list) and all(isinstance(b, int) and 0 <= b < 256 for b in v)
+                      for v in state["rng"].values()))
+    except (ValueError, AttributeError, KeyError):
+        ok = False
+    if not ok:
+        raise data.BadInput(f"{f}: malformed trainer state")
+    return state
+
+
 def load_checkpoint(path, model=None, optimizer=None):
     """Restore what save_checkpoint wrote: weights into `model` (plain or sharded), the optimizer
     state (resharded to this run's ranks) and the RNG state. Returns the trainer state dict
-    (step, extra). Collective under FSDP."""
-    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
+    (step, extra, run_id). Reads JSON and safetensors only. Collective under FSDP."""
+    state = read_trainer_state(path)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     if model is not None:
-        src = M.load_model(path, dtype=torch.float32, device="cpu")
-        sd = src.state_dict()
-        del src
+        sd = data.open_model(path, dtype=torch.float32, device="cpu").state_dict()
         if is_sharded(model):
             set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True))
         else:
@@ -284,16 +368,10 @@ def load_checkpoint(path, model=None, optimizer=None):
                 for k, v in model.state_dict().items():
                     v.copy_(sd[k])
     if optimizer is not None:
-        import torch.distributed.checkpoint as dcp
-        osd = get_optimizer_state_dict(model, optimizer)  # the template: this run's sharding
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load({"optimizer": osd}, checkpoint_id=os.path.join(path, "optimizer"),
-                     no_dist=not dist.is_initialized())
-        set_optimizer_state_dict(model, optimizer, osd)
-    torch.set_rng_state(state["rng"]["torch"])
+        load_optimizer(model, optimizer, path)
+    torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))
     if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["rng"]["cuda"])
+        torch.cuda.set_rng_state(torch.tensor(state["rng"]["cuda"], dtype=torch.uint8))
     return state
 
 
@@ -301,29 +379,76 @@ def checkpoint_dir(out, step):
     return os.path.join(out, "checkpoints", f"step_{step:06d}")
 
 
+def step_dirs(out):
+    """The names of out/checkpoints/step_N directories (complete or not), lowest step first."""
+    root = os.path.join(out, "checkpoints")
+    names = os.listdir(root) if os.path.isdir(root) else []
+    return sorted((d for d in names if d.startswith("step_") and d[5:].isdigit()), key=lambda d: int(d[5:]))
+
+
 def latest_checkpoint(out):
-    """The checkpoint of the highest step under out/checkpoints that is complete, or None."""
-    root = os.path.join(out, "checkpoints")
-    if not os.path.isdir(root):
-        return None
-    done = [d for d in os.listdir(root) if d.startswith("step_") and d[5:].isdigit()
-            and os.path.isfile(os.path.join(root, d, "trainer_state.pt"))]
-    return os.path.join(root, max(done, key=lambda d: int(d[5:]))) if done else None
+    """The checkpoint of the highest step under out/checkpoints that is complete (has its
+    trainer_state.json), or None. One of the older, pickled format is named and ignored."""
+    done = []
+    for d in step_dirs(out):
+        path = os.path.join(out, "checkpoints", d)
+        if os.path.isfile(os.path.join(path, "trainer_state.json")):
+            done.append(path)
+        elif os.path.isfile(os.path.join(path, "trainer_state.pt")):
+            print0(f"ignoring {path}: an older checkpoint format (pickled), never loaded")
+    return done[-1] if done else None
 
 
-def prune_checkpoints(out, keep):
-    """Delete all but the `keep` most recent step checkpoints (rank 0)."""
+def claim_out_dir(out, resume):
+    """A run directory belongs to one run: a fresh run (no --resume) into an --out that holds
+    checkpoints would mix them with its own (and its pruning would delete them), so it is refused.
+    With --resume, what a kill left half-done is tidied (rank 0): a .tmp checkpoint is deleted; a
+    .old one (killed between save_checkpoint's two renames) goes back in place if its step has none."""
     root = os.path.join(out, "checkpoints")
-    if keep <= 0 or not is_main() or not os.path.isdir(root):
+    names = os.listdir(root) if os.path.isdir(root) else []
+    if not resume and any(d.startswith("step_") for d in names):
+        raise data.BadInput(f"{out} already holds a run's checkpoints ({root}): continue it with --resume, "
+                            "or use another --out")
+    if resume and is_main():
+        for d in names:
+            path = os.path.join(root, d)
+            if d.startswith("step_") and d.endswith(".tmp"):
+                shutil.rmtree(path, ignore_errors=True)
+            elif d.startswith("step_") and d.endswith(".old"):
+                if os.path.exists(path[:-4]):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.replace(path, path[:-4])
+    barrier()
+
+
+def new_run_id():
+    """A run's id, kept in its checkpoints: pruning deletes only the checkpoints of its own run."""
+    return uuid.uuid4().hex
+
+
+def prune_checkpoints(out, keep, run_id=None):
+    """Delete all but the `keep` most recent step checkpoints of run `run_id` (rank 0); with
+    run_id None, of any run. A checkpoint of another run, or one it cannot read, is left alone."""
+    if keep <= 0 or not is_main():
         return
-    steps = sorted(d for d in os.listdir(root) if d.startswith("step_") and d[5:].isdigit())
-    for d in steps[:-keep]:
-        shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+
+    def owner(d):
+        try:
+            with open(os.path.join(out, "checkpoints", d, "trainer_state.json")) as f:
+                return json.load(f)["extra"].get("run_id")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return False  # unreadable: nobody's
+    mine = [d for d in step_dirs(out) if (owner(d) == run_id if run_id is not None else owner(d) is not False)]
+    for d in mine[:-keep]:
+        shutil.rmtree(os.path.join(out, "checkpoints", d), ignore_errors=True)
 
 
-def export_model(model, tokenizer, out):
-    """The final model in the HF layout at the top of `out` (next to metrics.jsonl): written to a
-    temporary directory, then each file renamed into place. Collective under FSDP."""
+def export_model(model, tokenizer, out, source=None, max_pixels=None):
+    """The final model in the HF layout at the top of `out` (next to metrics.jsonl), side files
+    included (write_side_files): written to a temporary directory, then each file renamed into
+    place. Refuses non-finite weights (NonFinite). Collective under FSDP."""
+    check_finite(model, f"the model to {out}")
     tmp = os.path.join(out, ".export.tmp")
     if is_main():
         shutil.rmtree(tmp, ignore_errors=True)
@@ -332,16 +457,23 @@ def export_model(model, tokenizer, out):
     if is_main():
         M.save_model(model, tmp, state_dict=sd)
         tokenizer.save_pretrained(tmp)
+        write_side_files(model, tmp, source, max_pixels)
         for f in os.listdir(tmp):
             os.replace(os.path.join(tmp, f), os.path.join(out, f))
         os.rmdir(tmp)
     barrier()
 
 
+def finite_or_none(x):
+    """A metrics value as JSON allows it: NaN and infinities become null (JSON has no NaN)."""
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
 class MetricsLogger:
-    """Appends one JSON object per line to `path`, on rank 0 only (a no-op elsewhere). With
-    resume_step, lines of later steps (from a run that went past its last checkpoint) are
-    dropped first, so the file reads as one run."""
+    """Appends one JSON object per line to `path`, on rank 0 only (a no-op elsewhere); non-finite
+    numbers are written as null. With resume_step, lines of later steps (from a run that went past
+    its last checkpoint) and a last line cut short by a kill are dropped first, so the file reads
+    as one run."""
 
     def __init__(self, path, resume_step=None):
         self.path = path
@@ -350,23 +482,54 @@ class MetricsLogger:
             return
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         if resume_step is not None and os.path.exists(path):
+            keep = []
             with open(path) as f:
-                keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            with open(path, "w") as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                    except ValueError:
+                        continue  # torn by a kill mid-write
+                    if isinstance(row, dict) and row.get("step", 0) <= resume_step:
+                        keep.append(line.rstrip("\n") + "\n")
+            with open(path + ".tmp", "w") as f:  # a kill now leaves the old file whole
                 f.writelines(keep)
+            os.replace(path + ".tmp", path)
         elif resume_step is None and os.path.exists(path):
             os.remove(path)  # a fresh run starts a fresh file
         self.f = open(path, "a")
 
     def log(self, **row):
         if self.f is not None:
-            self.f.write(json.dumps(row) + "\n")
+            self.f.write(json.dumps({k: finite_or_none(v) for k, v in row.items()}, allow_nan=False) + "\n")
             self.f.flush()
 
     def close(self):
         if self.f is not None:
             self.f.close()
             self.f = None
+
+
+class FiniteGuard:
+    """An optimizer step whose loss or gradient norm is NaN or infinite is skipped (its
+    gradients dropped) and counted; `limit` such steps in a row stop the run (NonFinite), naming
+    `last_good`, the last checkpoint written (the caller keeps it up to date)."""
+
+    def __init__(self, limit=3, last_good=None):
+        self.limit, self.last_good, self.streak, self.skipped = limit, last_good, 0, 0
+
+    def ok(self, loss, grad_norm, step):
+        """True: take the update of optimizer step `step` (1-based); False: skip it."""
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.streak = 0
+            return True
+        self.streak += 1
+        self.skipped += 1
+        print0(f"step {step}: loss {loss}, gradient norm {grad_norm}: update skipped ({self.streak} in a row)")
+        if self.streak >= self.limit:
+            raise NonFinite(f"{self.limit} steps in a row (the last: step {step}) had a non-finite loss or gradient "
+                            f"norm: stopping. The last good checkpoint is {self.last_good or '(none)'}"
+                            + ("; continue with --resume (maybe a lower --lr)" if self.last_good else ""))
+        return False
 
 
 def cosine_lr(step, total, warmup, lr, min_lr=0.0):
@@ -441,35 +604,30 @@ def load_rows(args, tok, suffix):
 
 
 def resume(args, model, opt, path, total, n_rows):
-    """Restore this run's checkpoint `path` (weights, optimizer, RNG) -> the step to start from."""
+    """Restore this run's checkpoint `path` (weights, optimizer, RNG) -> (the step to start from,
+    the run's id)."""
     state = load_checkpoint(path, model, opt)
     print0(f"resumed from {path} at step {state['step']}")
     was = (state["extra"].get("total_steps"), state["extra"].get("rows"))
     if was != (total, n_rows):
         print0(f"warning: the checkpoint's run had (steps, rows) = {was}, this one {(total, n_rows)}: "
                f"the learning rate schedule or the data order will differ")
-    return state["step"]
+    return state["step"], state["extra"].get("run_id") or new_run_id()
 
 
-def train_step(model, opt, params, batches, args, world, autocast, last_ckpt, step):
+def train_step(model, opt, params, batches, world, autocast, guard, step):
     """One optimizer step on this rank's micro-batches of the global batch -> (loss, grad norm,
-    trained tokens, all tokens), both counts over all ranks. Stops before the update on a
-    non-finite loss or gradient norm, naming the last good checkpoint."""
+    trained tokens, all tokens), both counts over all ranks. A non-finite loss or gradient norm
+    skips the update (guard: FiniteGuard; every rank sees the same global numbers)."""
     device = batches[0]["labels"].device
     # N: trained tokens of the global batch, known before the first backward
     counts = torch.tensor([sum(trained_tokens(b["labels"]) for b in batches),
                            sum(int(b["attention_mask"].sum()) for b in batches)], dtype=torch.float64, device=device)
     n_global, tokens_global = (int(x) for x in all_reduce_sum(counts).tolist())
     loss = all_reduce_sum(backward_sft(model, batches, n_global, world, autocast)).item()
-    if not math.isfinite(loss):
-        raise NonFiniteLoss(f"loss is {loss} at step {step + 1}: stopping before the update. The last good "
-                            f"checkpoint is {last_ckpt or '(none)'}"
-                            + ("; continue with --resume (maybe a lower --lr)" if last_ckpt else ""))
     grad_norm = clip_grad_norm(params, GRAD_CLIP)
-    if not math.isfinite(grad_norm):
-        raise NonFiniteLoss(f"gradient norm is {grad_norm} at step {step + 1} (loss {loss:.4f}): stopping "
-                            f"before the update. The last good checkpoint is {last_ckpt or '(none)'}")
-    opt.step()
+    if guard.ok(loss, grad_norm, step + 1):
+        opt.step()
     opt.zero_grad(set_to_none=True)
     return loss, grad_norm, n_global, tokens_global
 
@@ -489,66 +647,81 @@ def final_eval(model, tok, args, suffix, autocast, rank, world):
     return s
 
 
+def prepare(args, device, world):
+    """Everything before the first step -> a dict: model (sharded), tok, opt, params, rows,
+    skipped, total, warmup, order, micro, bf16, start, resume_from, run_id."""
+    micro = args.micro_batch_size or args.batch_size // world
+    if micro < 1 or args.batch_size % (micro * world):
+        raise BadData(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size "
+                      f"{micro} x {world} processes")
+    claim_out_dir(args.out, args.resume)
+    resume_from = latest_checkpoint(args.out) if args.resume else None
+    if args.resume and resume_from is None:
+        print0(f"--resume: no checkpoint in {args.out}/checkpoints, starting from scratch")
+    with data.checkpoint_errors(args.model):
+        model, tok = build_model(args)
+    rows, skipped = load_rows(args, tok, data.SUFFIXES.get(args.suffix, args.suffix))
+    total = args.steps or math.ceil(args.epochs * len(rows) / args.batch_size)
+    r = dict(tok=tok, rows=rows, skipped=skipped, total=total, micro=micro, resume_from=resume_from,
+             warmup=round(args.warmup * total) if args.warmup < 1 else int(args.warmup),
+             order=BatchOrder(len(rows), args.batch_size, args.data_seed),
+             bf16=args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda"))
+    r["model"] = model = shard_model(model, device, r["bf16"])
+    r["params"] = params = [p for p in model.parameters() if p.requires_grad]
+    r["opt"] = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, args.beta2), eps=1e-8,
+                                 weight_decay=args.weight_decay, foreach=True)
+    r["start"], r["run_id"] = (resume(args, model, r["opt"], resume_from, total, len(rows)) if resume_from
+                               else (0, new_run_id()))
+    print0(f"model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters ({sum(p.numel() for p in params) / 1e6:.2f}M "
+           f"trained), {len(rows)} rows, {total} steps of {args.batch_size} rows ({world} x "
+           f"{args.batch_size // (micro * world)} x {micro}), {'bf16' if r['bf16'] else 'fp32'} on {device}")
+    return r
+
+
 def train(args):
     """One training run (the process group, if any, is already up). Returns a summary dict."""
     rank, world, device = dist_init(args.device)
     t_start = time.time()
-    bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
-    micro = args.micro_batch_size or args.batch_size // world
-    if micro < 1 or args.batch_size % (micro * world):
-        raise ValueError(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size "
-                         f"{micro} x {world} processes")
     suffix = data.SUFFIXES.get(args.suffix, args.suffix)
     px = dict(min_pixels=data.MIN_PIXELS, max_pixels=args.max_pixels)
-    resume_from = latest_checkpoint(args.out) if args.resume else None
-    if args.resume and resume_from is None:
-        print0(f"--resume: no checkpoint in {args.out}/checkpoints, starting from scratch")
-    model, tok = build_model(args)
-    rows, skipped = load_rows(args, tok, suffix)
-    total = args.steps or math.ceil(args.epochs * len(rows) / args.batch_size)
-    warmup = round(args.warmup * total) if args.warmup < 1 else int(args.warmup)
-    order = BatchOrder(len(rows), args.batch_size, args.data_seed)
-    model = shard_model(model, device, bf16)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, args.beta2), eps=1e-8,
-                            weight_decay=args.weight_decay, foreach=True)
-    start = resume(args, model, opt, resume_from, total, len(rows)) if resume_from else 0
-    print0(f"model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters ({sum(p.numel() for p in params) / 1e6:.2f}M "
-           f"trained), {len(rows)} rows, {total} steps of {args.batch_size} rows ({world} x "
-           f"{args.batch_size // (micro * world)} x {micro}), {'bf16' if bf16 else 'fp32'} on {device}")
-    logger = MetricsLogger(os.path.join(args.out, "metrics.jsonl"), resume_step=start if resume_from else None)
+    r = prepare(args, device, world)
+    model, tok, opt, rows, total, start = r["model"], r["tok"], r["opt"], r["rows"], r["total"], r["start"]
+    logger = MetricsLogger(os.path.join(args.out, "metrics.jsonl"), resume_step=start if r["resume_from"] else None)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     # bf16 in one process: autocast (FSDP's MixedPrecisionPolicy does it on several)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and world == 1)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=r["bf16"] and world == 1)
     stop_at = min(total, start + args.stop_after) if args.stop_after else total
+    source = args.model if os.path.isdir(args.model) else None  # its side files travel along
     bar = tqdm(total=total, initial=start, desc="sft", disable=not is_main(), dynamic_ncols=True)
-    last_ckpt, loss, t_run = resume_from, float("nan"), time.time()
+    guard, loss, t_run = FiniteGuard(last_good=r["resume_from"]), float("nan"), time.time()
     for step in range(start, stop_at):
         t0 = time.time()
-        lr = cosine_lr(step, total, warmup, args.lr, args.min_lr)
+        lr = cosine_lr(step, total, r["warmup"], args.lr, args.min_lr)
         for g in opt.param_groups:
             g["lr"] = lr
         batches = [encode_batch(tok, [rows[i] for i in mb], pad_id, suffix, device, **px)
-                   for mb in micro_batches(order(step), rank, world, micro)]
-        loss, grad_norm, n_tok, n_all = train_step(model, opt, params, batches, args, world, autocast, last_ckpt, step)
-        logger.log(step=step + 1, loss=loss, lr=lr, grad_norm=grad_norm, tokens=n_tok,
+                   for mb in micro_batches(r["order"](step), rank, world, r["micro"])]
+        loss, grad_norm, n_tok, n_all = train_step(model, opt, r["params"], batches, world, autocast, guard, step)
+        logger.log(step=step + 1, loss=loss, lr=lr, grad_norm=grad_norm, tokens=n_tok, skipped=guard.streak > 0,
                    tokens_per_s=n_all / (time.time() - t0), elapsed=time.time() - t_start)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.2f}", refresh=False)
         bar.update(1)
         if step + 1 == stop_at or (args.save_every and (step + 1) % args.save_every == 0):
-            last_ckpt = checkpoint_dir(args.out, step + 1)
-            save_checkpoint(model, tok, last_ckpt, opt, step + 1, dict(total_steps=total, rows=len(rows), world_size=world))
-            prune_checkpoints(args.out, args.keep_checkpoints)
+            path = checkpoint_dir(args.out, step + 1)
+            save_checkpoint(model, tok, path, opt, step + 1, dict(total_steps=total, rows=len(rows), world_size=world,
+                                                                  run_id=r["run_id"]), source, args.max_pixels)
+            guard.last_good = path  # save_checkpoint checked that its weights are finite
+            prune_checkpoints(args.out, args.keep_checkpoints, r["run_id"])
     bar.close()
     logger.close()
-    summary = dict(steps=stop_at, total_steps=total, loss=loss, rows=len(rows), skipped=skipped,
-                   train_seconds=time.time() - t_run, checkpoint=last_ckpt)
+    summary = dict(steps=stop_at, total_steps=total, loss=loss, rows=len(rows), skipped=r["skipped"],
+                   skipped_steps=guard.skipped, train_seconds=time.time() - t_run, checkpoint=guard.last_good)
     if stop_at < total:
         print0(f"stopped after step {stop_at} of {total} (--stop-after); continue with --resume")
         return summary
-    export_model(model, tok, args.out)
-    print0(f"trained {total - start} steps in {summary['train_seconds']:.1f}s; final loss {loss:.4f}; "
-           f"model in {args.out}")
+    export_model(model, tok, args.out, source, args.max_pixels)
+    print0(f"trained {total - start} steps in {summary['train_seconds']:.1f}s ({guard.skipped} skipped); final "
+           f"loss {loss:.4f}; model in {args.out}")
     if args.eval_n and not args.data and args.synth != "reason":
         summary["eval"] = final_eval(model, tok, args, suffix, autocast, rank, world)
     summary["seconds"] = time.time() - t_start
@@ -574,14 +747,15 @@ def clip_grad_norm(params, max_norm):
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = data.ArgumentParser(prog="sft.py", description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    n0, n1, pos = data.at_least(0), data.at_least(1), data.positive(float)  # nonsense values refused up front
     a = p.add_argument
     a("--model", default="tiny", help="base checkpoint directory (HF layout, with tokenizer), or 'tiny' "
                                       "('tiny-text': text only) to build a tiny model and tokenizer from scratch")
     a("--data", default=None, help="training JSONL (any format data.load_records reads; the target is "
                                    "each record's solution); default: synthetic problems made in memory")
-    a("--n-train", type=int, default=24000, help="synthetic training problems (without --data)")
+    a("--n-train", type=n1, default=24000, help="synthetic training problems (without --data)")
     a("--level", default="mix", choices=["easy", "hard", "mix"], help="synthetic level (without --data)")
     a("--synth", default="base", choices=["traces", "base", "reason"], help="what the synthetic rows "
       "teach (without --data): full reasoning traces; the demo's base (captions and direct answers); "
@@ -589,41 +763,49 @@ def parser():
     a("--data-seed", type=int, default=0, help="seed of the synthetic problems and of the data order")
     a("--suffix", default="", help="text after each question: '', 'r1' (the paper's prompt) or a literal string")
     a("--out", default="runs/base", help="output directory (model, metrics.jsonl, checkpoints/)")
-    a("--steps", type=int, default=1500, help="optimizer steps (0: from --epochs)")
-    a("--epochs", type=float, default=1.0, help="passes over the data when --steps is 0")
-    a("--batch-size", type=int, default=32, help="global batch, rows per optimizer step (all ranks)")
-    a("--micro-batch-size", type=int, default=0, help="rows per forward/backward per process (0: batch / "
+    a("--steps", type=n0, default=1500, help="optimizer steps (0: from --epochs)")
+    a("--epochs", type=pos, default=1.0, help="passes over the data when --steps is 0")
+    a("--batch-size", type=n1, default=32, help="global batch, rows per optimizer step (all ranks)")
+    a("--micro-batch-size", type=n0, default=0, help="rows per forward/backward per process (0: batch / "
                                                       "processes); accumulation = batch / (micro x processes)")
-    a("--lr", type=float, default=3e-3, help="peak learning rate")
-    a("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine")
-    a("--warmup", type=float, default=0.05, help="warmup steps (< 1: a fraction of the steps)")
-    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    a("--beta2", type=float, default=0.95, help="AdamW beta2")
-    a("--max-seq-len", type=int, default=4096, help="rows longer than this (tokens) are skipped and counted")
-    a("--strict", action="store_true", help="a malformed, solution-less or over-long row is an error, not skipped")
-    a("--max-pixels", type=int, default=512 * 512, help="image resize cap, pixels")
+    a("--lr", type=pos, default=3e-3, help="peak learning rate")
+    a("--min-lr", type=data.at_least(0.0, float), default=1e-5, help="learning rate at the end of the cosine")
+    a("--warmup", type=data.at_least(0.0, float), default=0.05, help="warmup steps (< 1: a fraction of the steps)")
+    a("--weight-decay", type=data.at_least(0.0, float), default=0.0, help="AdamW weight decay")
+    a("--beta2", type=data.at_least(0.0, float, below=1.0), default=0.95, help="AdamW beta2")
+    a("--max-seq-len", type=n1, default=4096, help="longest row, tokens (a longer one is a bad row)")
+    # load_rows reads args.strict: --skip-bad clears it
+    a("--skip-bad", dest="strict", action="store_false", help="skip and count bad rows (malformed, unreadable "
+      "image, no solution, over --max-seq-len); default: stop before training, naming the first")
+    a("--max-pixels", type=data.at_least(data.MIN_PIXELS), default=512 * 512, help="image resize cap, pixels")
     a("--freeze-vision", action="store_true", help="train the language model only (vision tower and merger frozen)")
     a("--activation-checkpointing", action="store_true", help="recompute decoder layers in backward (less memory)")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
       help="compute dtype (auto: bf16 on CUDA, fp32 on CPU); master weights are fp32")
     a("--device", default=None, help="cpu or cuda (default: cuda if available)")
     a("--seed", type=int, default=0, help="seed of the tiny model's initialization")
-    a("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end only)")
-    a("--keep-checkpoints", type=int, default=2, help="keep the N most recent step checkpoints (0: all)")
+    a("--save-every", type=n0, default=0, help="checkpoint every N steps (0: at the end only)")
+    a("--keep-checkpoints", type=n0, default=2, help="keep the N most recent step checkpoints (0: all)")
     a("--resume", action="store_true", help="continue from the latest checkpoint in --out/checkpoints")
-    a("--stop-after", type=int, default=0, help="end this run after N steps with a checkpoint (e.g. a job "
+    a("--stop-after", type=n0, default=0, help="end this run after N steps with a checkpoint (e.g. a job "
                                                  "time limit); continue with --resume")
-    a("--eval-n", type=int, default=400, help="at the end, evaluate on this many held-out synthetic test "
+    a("--eval-n", type=n0, default=400, help="at the end, evaluate on this many held-out synthetic test "
                                               "problems, when training on synthetic ones (0: no evaluation)")
     return p
 
 
 def main(argv=None):
+    """The command line: a bad file, row, checkpoint or flag value exits with status 2, a run
+    stopped by non-finite numbers with status 1; one line each, no traceback."""
+    return data.cli("sft.py", sft_main, argv)
+
+
+def sft_main(argv=None):
     args = parser().parse_args(argv)
     dist_init(args.device)
     try:
         train(args)
-    except (NonFiniteLoss, BadData) as e:
+    except NonFinite as e:
         print(f"sft.py: error: {e}", file=sys.stderr, flush=True)
         dist_cleanup()
         sys.exit(1)

@@ -64,7 +64,7 @@ def test_rescore_unknown_id_names_line(fixture):
     records, _ = data.load_records(path)
     preds = fixture / "bad_preds.jsonl"
     preds.write_text(json.dumps(dict(id=records[0]["id"], text="x")) + "\n" + json.dumps(dict(id="zzz", text="x")) + "\n")
-    with pytest.raises(KeyError, match="bad_preds.jsonl:2"):
+    with pytest.raises(ValueError, match="bad_preds.jsonl:2"):
         E.rescore(records, str(preds))
 
 

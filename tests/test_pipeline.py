@@ -5,6 +5,7 @@ done (counted at sample.generate), and a line torn by a crash is redone. Random 
 right, so the conversion is also checked on injected correct traces."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -96,7 +97,9 @@ def test_caption_reason_filter(world, tmp_path, calls, capsys):
     c = data.main(["traces", "--data", str(traces), "--out", str(tmp_path / "sft.jsonl")])
     assert sum(c[k] for k in data.DROP_REASONS + ("kept",)) == 2 * N
     assert "traces: 12 read" in capsys.readouterr().out
-    assert data.load_records(tmp_path / "sft.jsonl")[0] == [] or c["kept"] > 0
+    if c["kept"] == 0:  # a data file without rows is an error when it is read
+        with pytest.raises(data.BadInput, match="no usable rows"):
+            data.load_records(tmp_path / "sft.jsonl")
 
     # the conversion, on injected traces: per record one long correct, one wrong, one short correct
     rows = lines(traces)
@@ -130,14 +133,17 @@ def test_cli_errors(world, tmp_path, capsys):
         sample.main(["--task", "reason", "--model", str(world / "r1"), "--data", "a", "--out", "b",
                      "--reason-prompt", "no fields"])
     assert "{caption} and {question}" in capsys.readouterr().err
-    # reasoning over records that were never captioned names the record
-    with pytest.raises(ValueError, match=r"data.jsonl:1: record .* has no caption"):
+    # reasoning over records that were never captioned names the record (one line, status 2)
+    with pytest.raises(SystemExit) as e:
         reason(world, world / "set" / "data.jsonl", tmp_path / "t.jsonl")
+    assert e.value.code == 2
+    assert re.search(r"data.jsonl:1: record .* has no caption", capsys.readouterr().err)
     # a bad line that is not the last one is an error, not silently dropped
     out = tmp_path / "c.jsonl"
     out.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
-    with pytest.raises(ValueError, match=r"c.jsonl:2: malformed JSON"):
+    with pytest.raises(SystemExit) as e:
         caption(world, out)
+    assert e.value.code == 2 and "c.jsonl:2: malformed JSON" in capsys.readouterr().err
 
 
 def test_distill_the_iterative_loop(world, tmp_path, calls):

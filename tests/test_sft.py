@@ -1,5 +1,5 @@
 """sft.py: the loss normalization, the schedule, FSDP2 on two processes against one, resume,
-bad rows, a NaN stop, and checkpoints that load_model and transformers read."""
+bad rows, NaN steps skipped then a stop, and checkpoints that load_model and transformers read."""
 
 import json
 import math
@@ -190,7 +190,8 @@ def test_checkpoint_layout_loads_in_load_model_and_transformers(runs, world):
     out = str(runs["s6"])
     ck = sft.checkpoint_dir(out, 6)
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step_000006"]
-    for f in ("config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt", "optimizer"):
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "trainer_state.json", "optimizer.safetensors",
+              "optimizer.json", "preprocessor_config.json"):
         assert os.path.exists(os.path.join(ck, f)), f
     assert not any(n.endswith(".tmp") for n in os.listdir(os.path.join(out, "checkpoints")))
     ours = M.load_model(out)
@@ -206,14 +207,14 @@ def test_checkpoint_layout_loads_in_load_model_and_transformers(runs, world):
                image_grid_thw=b["image_grid_thw"], mm_token_type_ids=(b["input_ids"] == ours.config.image_token_id).int()).logits
     # (without mm_token_type_ids transformers 5 gives the image tokens other M-RoPE positions: ~5e-4 off)
     assert (a - h).abs().max() <= 1e-5 * a.abs().max()
-    st = torch.load(os.path.join(ck, "trainer_state.pt"), weights_only=True)
+    st = sft.read_trainer_state(ck)
     assert st["step"] == 6 and st["extra"]["total_steps"] == 6
 
 # -----------------------------------------------------------------------------
 # bad input: over-long rows, NaN loss
 
 
-def test_overlong_rows_are_skipped_and_counted_or_an_error_with_strict(world, tmp_path, capsys):
+def test_overlong_rows_are_an_error_or_skipped_and_counted_with_skip_bad(world, tmp_path, capsys):
     recs = [json.loads(line) for line in open(world["data"])]
     recs[1]["solution"] = "<think>" + "x" * 400 + "</think> <answer>1</answer>"
     recs[2]["solution"] = None
@@ -231,23 +232,24 @@ def test_overlong_rows_are_skipped_and_counted_or_an_error_with_strict(world, tm
         len(data.encode_sft(tok, r["question"], r["solution"], r["images"])["input_ids"])
     args = ["--model", world["model"], "--data", path, "--out", str(tmp_path), "--device", "cpu",
             "--steps", "1", "--batch-size", "4", "--micro-batch-size", "4", "--max-seq-len", "300", "--eval-n", "0"]
-    s = sft.train(sft.parser().parse_args(args))
+    s = sft.train(sft.parser().parse_args(args + ["--skip-bad"]))
     assert s["rows"] == 18 and sum(s["skipped"].values()) == 2
     assert "skipped 2 rows" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
-        sft.main(args + ["--strict"])
-    assert e.value.code == 1
+        sft.main(args[:5] + [str(tmp_path / "strict")] + args[6:])
+    assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "train0_00001" in err and "--max-seq-len 300" in err
+    assert "bad.jsonl:2: row 'train0_00001'" in err and "--max-seq-len 300" in err
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path, monkeypatch, capsys):
+def test_nan_steps_are_skipped_then_three_in_a_row_stop_at_the_last_good_checkpoint(world, tmp_path, monkeypatch,
+                                                                                   capsys):
     real, calls = sft.sft_loss, []
 
-    def poisoned(*a, **k):  # the 3rd step's first micro-batch (4 per step) returns NaN
+    def poisoned(*a, **k):  # from the 3rd step on (4 micro-batches a step) every loss is NaN
         calls.append(1)
         loss = real(*a, **k)
-        return loss * float("nan") if len(calls) == 9 else loss
+        return loss * float("nan") if len(calls) > 8 else loss
 
     monkeypatch.setattr(sft, "sft_loss", poisoned)
     out = str(tmp_path / "nan")
@@ -255,14 +257,15 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path, monk
         sft.main(["--model", world["model"], "--data", world["data"], "--out", out, *COMMON, "--save-every", "2"])
     assert e.value.code == 1
     err = capsys.readouterr().err
-    assert "loss is nan at step 3" in err and "step_000002" in err
-    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step_000002"]
+    assert "3 steps in a row (the last: step 5)" in err and "step_000004" in err
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step_000002", "step_000004"]
     assert not os.path.exists(os.path.join(out, "model.safetensors"))   # no final export
-    assert [m["step"] for m in metrics(out)] == [1, 2]
+    assert [(m["step"], m["loss"], m["skipped"]) for m in metrics(out)][2:] == [(3, None, True), (4, None, True)]
     monkeypatch.setattr(sft, "sft_loss", real)
     ref = str(tmp_path / "ref")
     run(world, ref, "--stop-after", "2")   # the same two steps, uninterrupted
     assert rel_diff(weights(sft.checkpoint_dir(ref, 2)), weights(sft.checkpoint_dir(out, 2))) == 0
+    assert rel_diff(weights(sft.checkpoint_dir(ref, 2)), weights(sft.checkpoint_dir(out, 4))) == 0  # skipped: no update
 
 # -----------------------------------------------------------------------------
 # CUDA: a short bf16 run

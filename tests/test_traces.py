@@ -5,6 +5,7 @@ unfinished / malformed traces dropped, and the `traces` command's output read ba
 import json
 
 import pytest
+from PIL import Image
 
 import data
 import reward
@@ -109,7 +110,7 @@ def test_unbox():
 
 
 def test_traces_command_writes_sft_records(tmp_path, capsys):
-    (tmp_path / "img.png").write_bytes(b"")  # existence is checked, not content
+    Image.new("RGB", (8, 8)).save(tmp_path / "img.png")  # images are checked when read
     rows = [data.record_row(dict(rec(id="a"), images=[str(tmp_path / "img.png")]),
                             caption="two red circles, four red squares",
                             traces=[tr(GOOD), tr("<think>7</think> \\boxed{7}")]),
@@ -128,8 +129,9 @@ def test_traces_command_writes_sft_records(tmp_path, capsys):
     assert r["meta"]["origin"] == "t.jsonl:1"
     # a file without traces is an error naming the line
     data.write_jsonl(tmp_path / "plain.jsonl", [data.record_row(rec())])
-    with pytest.raises(ValueError, match=r"plain.jsonl:1: key 'traces'"):
+    with pytest.raises(SystemExit) as e:
         data.main(["traces", "--data", str(tmp_path / "plain.jsonl"), "--out", str(tmp_path / "x.jsonl")])
+    assert e.value.code == 2 and "plain.jsonl:1: key 'traces'" in capsys.readouterr().err
 
 
 def test_summary_text():
