@@ -26,6 +26,7 @@ The last section, `staircase`, runs the demo's five stages from nothing.
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -544,6 +545,7 @@ def run_stage(name, out, commands, test):
     text reasoner has no row of its own: the filters' counts in SFT1's row say how it did)."""
     t0 = time.time()
     results = []
+    shutil.rmtree(out, ignore_errors=True)  # a stage not recorded as done starts afresh
     for line, call in commands:
         print(f"\n=== {name}: {line}", flush=True)
         results.append(call())

@@ -583,7 +583,7 @@ def build_model(args):
 
 def load_rows(args, tok, suffix):
     """The training rows: --data (or the synthetic problems) with a solution and within
-    --max-seq-len; the others are skipped and counted (an error under --strict)."""
+    --max-seq-len; the others are an error naming the row (skipped and counted with --skip-bad)."""
     if args.data:
         try:
             records, n_bad = data.load_records(args.data, skip_bad=not args.strict)
