@@ -5,7 +5,7 @@ GRPO, by hand: sample G completions per prompt, score them, push up the better o
     python grpo.py --staircase        # the whole demo: base -> SFT1 -> GRPO1 -> SFT2 -> GRPO2
     torchrun --nproc_per_node=8 grpo.py --model DIR --data train.jsonl ...   # FSDP2 (README)
 
-One rollout, in main(): 1) `rollout`: G completions for each of P prompts (sample.py, weights
+One rollout, in train(): 1) `rollout`: G completions for each of P prompts (sample.py, weights
 gathered once); 2) `score`: reward 1 if the answer matches, else 0 (reward.py), and group
 advantages; 3) `reference_logps`: log-probs of the drawn tokens under the frozen start model and,
 if the rollout is reused, under the sampling policy; 4) `update`: one optimizer step per minibatch
