@@ -216,7 +216,6 @@ def default_stop_ids(cfg, tokenizer=None):
     return sorted(i for i in ids if i is not None)
 
 
-@torch.no_grad()
 def check_request(prompts, n, temperature, top_p, top_k, keys, budget):
     """A clear error for a request generate cannot serve (before any work is done)."""
     if n < 1:
@@ -233,6 +232,7 @@ def check_request(prompts, n, temperature, top_p, top_k, keys, budget):
         raise ValueError(f"keys has {len(keys)} entries for {len(prompts)} prompts (one key per prompt)")
 
 
+@torch.no_grad()
 def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0, seed=0,
              stop_ids=None, ban_ids=None, keys=None, tokenizer=None, pad_id=0, max_prompt_len=None):
     """Sample n completions for each prompt. prompts: list of dicts with input_ids (T,) and

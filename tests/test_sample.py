@@ -254,6 +254,19 @@ def test_text_only_and_mixed_batches(model, tok, prompts, order):
         assert completion(out, r) == completion(alone, 0), f"row {r}"
 
 
+def test_generate_builds_no_autograd_graph(model, prompts):
+    """Sampling is inference: no activations kept for a backward (rollouts would hold them all)."""
+    assert any(p.requires_grad for p in model.parameters())
+    seen = []
+    handle = model.lm_head.register_forward_hook(lambda mod, args, out: seen.append(out.requires_grad))
+    try:
+        out = sample.generate(model, prompts[:2], max_new_tokens=3, temperature=1.0, stop_ids=[])
+    finally:
+        handle.remove()
+    assert seen and not any(seen)
+    assert not out.logprobs.requires_grad
+
+
 def test_vision_token_ids_include_vision_pad(model, tok):
     """<|vision_pad|> is not in the config: found through the tokenizer, or Qwen's id layout."""
     names = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
