@@ -5,14 +5,15 @@ GRPO, by hand: sample G completions per prompt, score them, push up the better o
     python grpo.py --staircase        # the whole demo: base -> SFT1 -> GRPO1 -> SFT2 -> GRPO2
     torchrun --nproc_per_node=8 grpo.py --model DIR --data train.jsonl ...   # FSDP2 (README)
 
-One rollout, in train(): 1) `rollout`: G completions for each of P prompts (sample.py, weights
-gathered once); 2) `score`: reward 1 if the answer matches, else 0 (reward.py), and group
-advantages; 3) `reference_logps`: log-probs of the drawn tokens under the frozen start model and,
-if the rollout is reused, under the sampling policy; 4) `update`: one optimizer step per minibatch
-on the clipped objective (`grpo_loss`, formula below; a step whose loss or gradient norm is not
-finite is skipped, and 3 in a row stop the run); 5) `rollout_metrics`: a line of
-metrics.jsonl (reward, accuracy per family, kl, clip_frac, entropy, signal_frac: the share of
-groups whose rewards differ, time per phase; test_accuracy every --eval-every rollouts).
+One rollout, in train(): 1) `rollout`: G completions for each of P prompts (sample.py,
+--rollout-batch rows per call, weights gathered once per call); 2) `score`: reward 1 if the
+answer matches, else 0 (reward.py), and group advantages; 3) `reference_logps`: log-probs of
+the drawn tokens under the frozen start model and, if the rollout is reused, under the sampling
+policy; 4) `update`: one optimizer step per minibatch on the clipped objective (`grpo_loss`,
+formula below; a step whose loss or gradient norm is not finite is skipped, and 3 in a row stop
+the run); 5) `rollout_metrics`: a line of metrics.jsonl (reward, accuracy per family, kl,
+clip_frac, entropy, signal_frac: the share of groups whose rewards differ, time per phase;
+test_accuracy every --eval-every rollouts).
 
 How this departs from the paper's trainer (EasyR1 on verl): our own sampler instead of vLLM;
 padded batches, no packing; the log-prob passes run each prompt and its image once and its G
@@ -106,15 +107,29 @@ def build_sequences(encs, s, adv=None):
     return items
 
 
-def pick(logits, targets, with_entropy=False):
-    """logits (N, vocab), targets (N,) -> log-prob of each target (N,), and the entropy (N,)."""
-    logp_all = F.log_softmax(logits.float(), dim=-1)
-    logp = logp_all.gather(-1, targets[:, None]).squeeze(1)
-    ent = None
-    if with_entropy:
-        with torch.no_grad():
-            ent = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, ent
+LOGP_CHUNK = 1024  # tokens per log-softmax block: 1024 x 152k vocab in fp32 is 0.6 GB, the whole batch ~5 GB
+
+
+def pick(h, head, targets, with_entropy=False, chunk=None):
+    """Final hidden states h (N, C), the output layer `head`, targets (N,) -> log-prob of each
+    target (N,), and the entropy (N,) if asked. The logits are made from h a chunk of tokens at a
+    time (LOGP_CHUNK), so the fp32 (N, vocab) log-softmax is never held whole; with grad, each
+    chunk is checkpointed: backward recomputes its logits instead of keeping them."""
+    chunk = chunk or LOGP_CHUNK
+
+    def one(h, y):  # (n, C), (n,) -> (n,), (n,) or None
+        logp_all = F.log_softmax(head(h).float(), dim=-1)
+        ent = None
+        if with_entropy:
+            with torch.no_grad():
+                ent = -(logp_all.exp() * logp_all).sum(-1)
+        return logp_all.gather(-1, y[:, None]).squeeze(1), ent
+
+    grad = torch.is_grad_enabled() and h.requires_grad
+    outs = [torch.utils.checkpoint.checkpoint(one, h[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
+            if grad else one(h[i:i + chunk], targets[i:i + chunk]) for i in range(0, len(targets), chunk)]
+    logp = torch.cat([lp for lp, _ in outs])
+    return logp, torch.cat([e for _, e in outs]) if with_entropy else None
 
 
 def completion_logps(model, items, pad_id, with_entropy=False):
@@ -127,7 +142,8 @@ def completion_logps(model, items, pad_id, with_entropy=False):
     up); then only the completions run, on top of the copies. That is (Tp + Tc) / (Tp / G + Tc)
     times fewer token passes than a forward over prompt + completion per row, with the same
     numbers (tests/test_grpo.py). Completion token 0 is predicted at the prompt's last position,
-    token t > 0 at completion position t - 1; logits are computed at those N positions only."""
+    token t > 0 at completion position t - 1; logits are computed at those N positions only, and
+    LOGP_CHUNK of them at a time (`pick`)."""
     dev = model.model.embed_tokens.weight.device
     prompts = {}  # prompt id -> its encoding, in order of first use
     for it in items:
@@ -142,16 +158,18 @@ def completion_logps(model, items, pad_id, with_entropy=False):
     for r, it in enumerate(items):
         comp[r, :it["n_comp"]] = it["completion"].to(dev)
     cache = model.new_cache(len(prompts), ids.shape[1] + Tc - 1, device=dev)
-    first = model(ids, am, pv, grid, position_ids=pos, cache=cache, logits="last")[:, -1]  # (P, vocab)
-    logp, ent = pick(first[index], comp[:, 0], with_entropy)                             # (R,)
+    # pick runs inside the forward (a sharded model's head is gathered there), on the final
+    # hidden states of the positions that predict a completion token
+    logp, ent = model(ids, am, pv, grid, position_ids=pos, cache=cache,                # (R,)
+                      logits=lambda h, head: pick(h[:, -1][index], head, comp[:, 0], with_entropy))
     if Tc == 1:
         return logp, ent
     # the completions, token t fed at position next_pos + t (as the sampler fed it); `feed` marks the
     # positions whose next token is a real one, (R, Tc - 1); the rest is padding, never attended to
     feed = torch.arange(Tc - 1, device=dev) < (lens - 1)[:, None]
     p = (next_pos[index][:, None] + torch.arange(Tc - 1, device=dev)).expand(3, R, Tc - 1)
-    rest = model(comp[:, :-1], feed.long(), position_ids=p, cache=cache.select_rows(index), logits=feed)
-    logp_rest, ent_rest = pick(rest, comp[:, 1:][feed], with_entropy)                    # (N - R,)
+    logp_rest, ent_rest = model(comp[:, :-1], feed.long(), position_ids=p, cache=cache.select_rows(index),
+                                logits=lambda h, head: pick(h[feed], head, comp[:, 1:][feed], with_entropy))  # (N - R,)
     # back into row order: row r's token 0, then its tokens 1.. (N,)
     t = torch.arange(Tc, device=dev).expand(R, Tc)[torch.arange(Tc, device=dev) < lens[:, None]]
     first_tok = t == 0
@@ -174,17 +192,49 @@ def rollout_prompts(records, order, step, a, rank, world):
     return gidx, [records[order[g % len(order)]] for g in gidx]
 
 
+KV_BUDGET = 20 * 2**30  # bytes of KV cache one generate call may fill (beside bf16 weights on an 80 GB GPU)
+
+
+def kv_bytes_per_token(cfg, dtype_bytes):
+    """One token's K and V in every layer."""
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes
+
+
+def default_rollout_batch(cfg, a, dtype_bytes):
+    """--rollout-batch when not given: the most rows, whole groups, whose KV cache fits KV_BUDGET.
+    A prompt holds G + 1 rows of max_prompt_len + max_new_tokens slots at once (its prefill row
+    and the G copies generate makes of it). On a CPU demo model: every row of the rollout."""
+    per_prompt = kv_bytes_per_token(cfg, dtype_bytes) * (a.max_prompt_len + a.max_new_tokens) * (a.group_size + 1)
+    return max(1, KV_BUDGET // per_prompt) * a.group_size
+
+
 def rollout(policy, tok, recs, gidx, a, autocast):
     """Each prompt encoded once, G completions each -> (encodings (P), sample.Samples (P*G rows)).
-    The draws depend on (seed, global prompt index), not on the rank or the batch."""
+    The prompts are sampled a.rollout_batch // G at a time (the KV cache of one call is what
+    sampling adds to memory); the draws depend on (seed, global prompt index), not on the rank
+    or the batch, so the chunks draw what one call would."""
     suffix = data.SUFFIXES.get(a.suffix, a.suffix)
     encs = [data.encode_prompt(tok, data.format_question(r, suffix), r["images"], max_pixels=a.max_pixels)
             for r in recs]
+    per_call = max(1, a.rollout_batch // a.group_size)
+    kw = dict(n=a.group_size, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+              seed=a.seed, tokenizer=tok, pad_id=pad_of(tok), max_prompt_len=a.max_prompt_len)
     with autocast:
-        s = sample.generate(policy, encs, n=a.group_size, max_new_tokens=a.max_new_tokens,
-                            temperature=a.temperature, top_p=a.top_p, seed=a.seed, keys=gidx,
-                            tokenizer=tok, pad_id=pad_of(tok), max_prompt_len=a.max_prompt_len)
-    return encs, s
+        parts = [sample.generate(policy, encs[i:i + per_call], keys=gidx[i:i + per_call], **kw)
+                 for i in range(0, len(encs), per_call)]
+    return encs, concat_samples(parts, per_call, pad_of(tok))
+
+
+def concat_samples(parts, per_call, pad_id):
+    """The Samples of consecutive generate calls of per_call prompts each -> one Samples, as one
+    call over all the prompts returns it (rows padded to the longest, prompt indices global)."""
+    L = max(s.tokens.shape[1] for s in parts)
+    widen = lambda t, v: F.pad(t, (0, L - t.shape[1]), value=v)
+    cat = lambda f: torch.cat([f(s) for s in parts])
+    return sample.Samples(cat(lambda s: widen(s.tokens, pad_id)), cat(lambda s: widen(s.logprobs, 0.0)),
+                          cat(lambda s: s.lengths), cat(lambda s: s.finished),
+                          torch.cat([s.prompt_index + j * per_call for j, s in enumerate(parts)]),
+                          cat(lambda s: s.sample_index), [t for s in parts for t in s.texts])
 
 
 def score(texts, recs, a):
@@ -328,6 +378,8 @@ def get_args(argv=None):
     p.add_argument("--temperature", type=nonneg, default=1.0, help="rollout temperature")
     p.add_argument("--top-p", type=sample.top_p, default=1.0, help="rollout nucleus mass")
     p.add_argument("--max-new-tokens", type=n1, default=192, help="completion budget, tokens")
+    p.add_argument("--rollout-batch", type=n1, default=None, help="rows (prompts x G) per generate call, per rank "
+                   "(default: what fits KV_BUDGET of KV cache at --max-prompt-len + --max-new-tokens slots)")
     # objective
     p.add_argument("--beta", type=nonneg, default=0.1, help="KL coefficient (k3 estimator to the start model); "
                    "the paper's 0.01 goes with its lr 1e-6, the demo's lr 1e-4 needs a firmer anchor")
@@ -344,6 +396,8 @@ def get_args(argv=None):
     p.add_argument("--prompts-per-step", type=n1, default=16, help="prompts per optimizer step (all ranks)")
     p.add_argument("--mu", type=n1, default=1, help="passes over each rollout")
     p.add_argument("--micro-batch", type=n1, default=64, help="sequences per forward/backward, per rank")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="keep each decoder layer's input only, recompute the rest in backward (less memory)")
     p.add_argument("--lr", type=pos, default=1e-4, help="AdamW learning rate (constant, no warmup)")
     p.add_argument("--weight-decay", type=nonneg, default=0.01, help="AdamW weight decay")
     p.add_argument("--freeze-vision", action="store_true", help="do not train the vision tower and merger")
@@ -377,6 +431,9 @@ def setup(a, device, world):
     ref.requires_grad_(False)
     if a.freeze_vision and hasattr(policy, "visual"):
         policy.visual.requires_grad_(False)
+    policy.model.gradient_checkpointing = a.activation_checkpointing
+    if a.rollout_batch is None:
+        a.rollout_batch = default_rollout_batch(policy.config, a, 2 if bf16 else 4)
     policy = sft.shard_model(policy, device, bf16)
     ref = sft.shard_model(ref, device, bf16)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and world == 1)
@@ -492,8 +549,8 @@ def train(a, records, rank, world, device):
 #   SFT2      GRPO1 answers a pool k times, the shortest correct answers fine-tune the base again
 #   GRPO2     on hard problems, the hardest set
 
-DEMO = dict(base_n=24000, base_steps=1500, reasoner_n=8000, reasoner_steps=600, pool=4000, k=4, sft1_steps=400,
-            grpo_n=4000, grpo_steps=100, n_distill=8000, k2=2, sft2_steps=300, test_n=2000, grpo_flags=[])
+DEMO = dict(base_n=24000, base_steps=1500, reasoner_n=8000, reasoner_steps=1000, pool=4000, k=4, sft1_steps=600,
+            grpo_n=4000, grpo_steps=100, n_distill=3000, k2=2, sft2_steps=500, test_n=2000, grpo_flags=[])
 MAX_NEW = 192  # completion budget of the distillation samples and the tests (traces <= ~90 tokens)
 
 
@@ -509,7 +566,7 @@ def staircase_stages(root, seed, c):
     d = lambda *p: os.path.join(root, *p)
     sd = ["--seed", str(seed)] if seed else []
     px = ["--eval-n", "0"]
-    from_base = ["--model", d("base"), "--lr", "3e-4", "--warmup", "0", "--data-seed", "1"] + px
+    from_base = ["--model", d("base"), "--lr", "2e-3", "--data-seed", "1"] + px  # the trace grammar is new to the base
     pool, dis = d("pool1"), d("distill")
     grpo = ["--n-train", str(c["grpo_n"]), "--steps", str(c["grpo_steps"]), "--eval-every", "0"] + c["grpo_flags"] + sd
     return [
@@ -517,7 +574,7 @@ def staircase_stages(root, seed, c):
                                                 "--steps", str(c["base_steps"]), "--out", d("base")] + sd + px)]),
         ("reasoner", d("reasoner"), [command("sft.py", [
             "--model", "tiny-text", "--synth", "reason", "--n-train", str(c["reasoner_n"]), "--steps", str(c["reasoner_steps"]),
-            "--out", d("reasoner")] + sd + px)]),
+            "--micro-batch-size", "8", "--out", d("reasoner")] + sd + px)]),
         ("SFT1", d("sft1"), [
             command("data.py", ["synth", "--out", pool, "--n", str(c["pool"]), "--level", "easy", "--seed", "1"]),
             command("sample.py", ["--task", "caption", "--model", d("base"), "--data", d("pool1", "data.jsonl"),

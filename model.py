@@ -401,6 +401,14 @@ class KVCache:
         self.v[layer][:, :, s:s + T] = v
         return self.k[layer][:, :, :s + T], self.v[layer][:, :, :s + T]
 
+    def at(self, start):
+        """This cache as a forward found it, before writing slots [start, ...): the same buffers,
+        len = start. A decoder layer recomputed in backward (activation checkpointing) writes its
+        K/V through it into the slots it wrote the first time, with the same values."""
+        view = KVCache.__new__(KVCache)
+        view.shape, view.k, view.v, view.valid, view.len = self.shape, self.k, self.v, self.valid, start
+        return view
+
     def select_rows(self, index):
         """A new cache whose row i is row index[i] of this one (e.g. each prompt copied G times).
         Under autograd the copies' gradients add up into the source rows."""
@@ -497,9 +505,11 @@ class TextModel(nn.Module):
         mask = mask[:, None]
         cos, sin = self.rope(position_ids, x.dtype)
         for i, layer in enumerate(self.layers):
-            # not with a cache: a recomputed layer would write its cache slots a second time
-            if self.gradient_checkpointing and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            # only the layer's input is kept; backward runs it again. With a cache (GRPO's update
+            # pass), the rerun writes the same K/V into the same slots: cache.at(start)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                rerun = cache.at(start) if cache is not None else None
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, rerun, i, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache, i)
         if cache is not None:
@@ -588,7 +598,9 @@ class Qwen2_5_VL(nn.Module):
                 position_ids=None, cache=None, logits=True):
         """input_ids (B, T) -> logits (B, T, vocab); with logits="last" only the last position's
         (B, 1, vocab); with a (B, T) bool mask only those positions' (N, vocab), which keeps the
-        (B, T, vocab) tensor out of memory in training; with logits=False the hidden states (B, T, C).
+        (B, T, vocab) tensor out of memory in training; with logits=False the hidden states (B, T, C);
+        with a function, fn(hidden states, self.lm_head), called inside the forward (where a sharded
+        model's head weights are gathered: GRPO makes its logits a chunk at a time from them).
         With a cache, input_ids are the new tokens and position_ids (3, B, T) their
         positions (the sampler knows each row's); without, positions come from rope_index."""
         x = self.embed(input_ids, pixel_values, image_grid_thw)
@@ -599,6 +611,8 @@ class Qwen2_5_VL(nn.Module):
         h = self.model(x, position_ids, attention_mask, cache)
         if isinstance(logits, torch.Tensor):  # a (B, T) bool mask: logits of those positions only, (N, vocab)
             return self.lm_head(h[logits])
+        if callable(logits):
+            return logits(h, self.lm_head)
         if logits == "last":
             h = h[:, -1:]
         return self.lm_head(h) if logits else h

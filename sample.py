@@ -232,7 +232,7 @@ def check_request(prompts, n, temperature, top_p, top_k, keys, budget):
         raise ValueError(f"keys has {len(keys)} entries for {len(prompts)} prompts (one key per prompt)")
 
 
-@torch.no_grad()
+@torch.no_grad()  # a sampler never backpropagates: no graph over the decode steps (GRPO's policy has grads on)
 def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0, seed=0,
              stop_ids=None, ban_ids=None, keys=None, tokenizer=None, pad_id=0, max_prompt_len=None):
     """Sample n completions for each prompt. prompts: list of dicts with input_ids (T,) and

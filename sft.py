@@ -109,9 +109,10 @@ def encoded_length(tokenizer, question, answer, images, min_pixels, max_pixels):
 
 
 def filter_records(records, tokenizer, max_seq_len, suffix, min_pixels, max_pixels, strict=False):
-    """-> (kept records, {reason: count}). A row without a solution, or longer than max_seq_len
-    tokens, is skipped and counted; with strict (sft.py's default) it is an error naming the row."""
-    kept, skipped = [], {}
+    """-> (kept records, {reason: count}, each kept record's length in tokens). A row without a
+    solution, or longer than max_seq_len tokens, is skipped and counted; with strict (sft.py's
+    default) it is an error naming the row."""
+    kept, skipped, lengths = [], {}, []
     for r in records:
         why = None
         if not isinstance(r.get("solution"), str) or not r["solution"]:
@@ -126,11 +127,12 @@ def filter_records(records, tokenizer, max_seq_len, suffix, min_pixels, max_pixe
                                   f"--max-seq-len {max_seq_len} (--skip-bad skips such rows)")
         if why is None:
             kept.append(r)
+            lengths.append(n)
             continue
         if strict:
             raise BadData(f"{r.get('source', '?')}: row {r.get('id')!r}: {why} (--skip-bad skips such rows)")
         skipped[why] = skipped.get(why, 0) + 1
-    return kept, skipped
+    return kept, skipped, lengths
 
 
 class BatchOrder:
@@ -152,10 +154,14 @@ class BatchOrder:
                 for i in range(step * self.batch_size, (step + 1) * self.batch_size)]
 
 
-def micro_batches(rows, rank, world, micro):
-    """This rank's share of a global batch (a contiguous block), cut into micro-batches."""
+def micro_batches(rows, rank, world, micro, lengths=None):
+    """This rank's share of a global batch (a contiguous block), cut into micro-batches. With
+    the rows' lengths, the share is sorted by length first, so each micro-batch pads to its own
+    longest row, not the step's (the loss is a mean over all the step's tokens either way)."""
     per_rank = len(rows) // world
     mine = rows[rank * per_rank:(rank + 1) * per_rank]
+    if lengths is not None and micro < len(mine):
+        mine = sorted(mine, key=lambda i: lengths[i])
     return [mine[i:i + micro] for i in range(0, len(mine), micro)]
 
 
@@ -592,15 +598,15 @@ def load_rows(args, tok, suffix):
     else:
         make = {"traces": data.synth_records, "base": data.base_records, "reason": data.reasoner_records}[args.synth]
         records, n_bad = make(args.n_train, args.level, args.data_seed), 0
-    rows, skipped = filter_records(records, tok, args.max_seq_len, suffix, data.MIN_PIXELS, args.max_pixels,
-                                   strict=args.strict)
+    rows, skipped, lengths = filter_records(records, tok, args.max_seq_len, suffix, data.MIN_PIXELS, args.max_pixels,
+                                            strict=args.strict)
     if n_bad:
         skipped["malformed"] = n_bad
     if not rows:
         raise BadData(f"no trainable rows (skipped: {skipped})")
     if skipped:
         print0(f"skipped {sum(skipped.values())} rows: " + ", ".join(f"{v} {k}" for k, v in skipped.items()))
-    return rows, skipped
+    return rows, skipped, lengths
 
 
 def resume(args, model, opt, path, total, n_rows):
@@ -649,7 +655,7 @@ def final_eval(model, tok, args, suffix, autocast, rank, world):
 
 def prepare(args, device, world):
     """Everything before the first step -> a dict: model (sharded), tok, opt, params, rows,
-    skipped, total, warmup, order, micro, bf16, start, resume_from, run_id."""
+    skipped, lengths, total, warmup, order, micro, bf16, start, resume_from, run_id."""
     micro = args.micro_batch_size or args.batch_size // world
     if micro < 1 or args.batch_size % (micro * world):
         raise BadData(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size "
@@ -660,9 +666,9 @@ def prepare(args, device, world):
         print0(f"--resume: no checkpoint in {args.out}/checkpoints, starting from scratch")
     with data.checkpoint_errors(args.model):
         model, tok = build_model(args)
-    rows, skipped = load_rows(args, tok, data.SUFFIXES.get(args.suffix, args.suffix))
+    rows, skipped, lengths = load_rows(args, tok, data.SUFFIXES.get(args.suffix, args.suffix))
     total = args.steps or math.ceil(args.epochs * len(rows) / args.batch_size)
-    r = dict(tok=tok, rows=rows, skipped=skipped, total=total, micro=micro, resume_from=resume_from,
+    r = dict(tok=tok, rows=rows, skipped=skipped, lengths=lengths, total=total, micro=micro, resume_from=resume_from,
              warmup=round(args.warmup * total) if args.warmup < 1 else int(args.warmup),
              order=BatchOrder(len(rows), args.batch_size, args.data_seed),
              bf16=args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda"))
@@ -700,7 +706,7 @@ def train(args):
         for g in opt.param_groups:
             g["lr"] = lr
         batches = [encode_batch(tok, [rows[i] for i in mb], pad_id, suffix, device, **px)
-                   for mb in micro_batches(r["order"](step), rank, world, r["micro"])]
+                   for mb in micro_batches(r["order"](step), rank, world, r["micro"], r["lengths"])]
         loss, grad_norm, n_tok, n_all = train_step(model, opt, r["params"], batches, world, autocast, guard, step)
         logger.log(step=step + 1, loss=loss, lr=lr, grad_norm=grad_norm, tokens=n_tok, skipped=guard.streak > 0,
                    tokens_per_s=n_all / (time.time() - t0), elapsed=time.time() - t_start)

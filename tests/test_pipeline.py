@@ -120,7 +120,7 @@ def test_caption_reason_filter(world, tmp_path, calls, capsys):
         assert r["images"] == s["images"] and r["answer"] == s["answer"] and r["choices"] == s["choices"]
         assert reward.accuracy_reward(r["solution"], s["answer"], s["choices"]) == 1.0
         assert "traces" not in r["meta"] and "caption" in r["meta"]
-    kept, why = sft.filter_records(sft_recs, data.load_tokenizer(world / "vlm"), max_seq_len=512,
+    kept, why, _ = sft.filter_records(sft_recs, data.load_tokenizer(world / "vlm"), max_seq_len=512,
                                    suffix="", min_pixels=data.MIN_PIXELS, max_pixels=512 * 512)
     assert len(kept) == N, why
 

@@ -107,6 +107,9 @@ def test_batch_order_is_a_function_of_the_step():
     assert sorted(seq[:10]) == list(range(10)) and sorted(seq[10:20]) == list(range(10))
     assert sft.BatchOrder(10, 4, seed=3)(3) == order(3)  # fresh object, same rows: resume-safe
     assert sft.micro_batches(list(range(8)), 1, 2, 2) == [[4, 5], [6, 7]]
+    lengths = [9, 1, 8, 2, 7, 3, 6, 4]  # rank 1's rows 4-7 sorted by length, then cut
+    assert sft.micro_batches(list(range(8)), 1, 2, 2, lengths) == [[5, 7], [6, 4]]
+    assert sft.micro_batches(list(range(8)), 1, 2, 4, lengths) == [[4, 5, 6, 7]]  # one micro-batch: as drawn
 
 # -----------------------------------------------------------------------------
 # training runs: one process, two processes (torchrun), resume
@@ -224,7 +227,7 @@ def test_overlong_rows_are_an_error_or_skipped_and_counted_with_skip_bad(world, 
         f.writelines(json.dumps(r) + "\n" for r in recs)
     tok = data.load_tokenizer(world["model"])
     rows, _ = data.load_records(path)
-    kept, skipped = sft.filter_records(rows, tok, 300, "", data.MIN_PIXELS, 512 * 512)
+    kept, skipped, _ = sft.filter_records(rows, tok, 300, "", data.MIN_PIXELS, 512 * 512)
     assert len(kept) == 18 and skipped == {"longer than --max-seq-len": 1, "no solution": 1}
     # the length check agrees with the encoder
     r = kept[0]
