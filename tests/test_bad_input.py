@@ -8,8 +8,10 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -380,3 +382,74 @@ def test_kill_mid_save_resumes_bitwise_equal(world, tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in strict_json_lines(out / "metrics.jsonl")] == [1, 2, 3, 4]
     assert sorted(os.listdir(ck)) == ["step_000002", "step_000004"]
+
+
+# the real thing: `python sft.py` in its own process, SIGKILLed while it writes a checkpoint
+KILL_RUN = ["--model", "tiny", "--n-train", "8", "--steps", "12", "--batch-size", "2", "--save-every", "1",
+            "--eval-n", "0", "--device", "cpu", "--seed", "0"]
+
+
+def test_sigkill_mid_checkpoint_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """SIGKILL runs no handler, no finally and no atexit, so only the on-disk protocol (write to
+    step_N.tmp, rename when complete; --resume deletes the .tmp) stands between a kill and a lost
+    run. The kill is aimed at a checkpoint write: after a few complete checkpoints, the parent
+    polls the checkpoints directory and kills as soon as a step_N.tmp holds the weights but not
+    yet the trainer state (written last). No hook in sft.py: the child is the real script."""
+    out, ck = tmp_path / "killed", tmp_path / "killed" / "checkpoints"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def sft_py(*extra):
+        with open(tmp_path / "log.txt", "a") as log:  # the child keeps its own copy of the descriptor
+            return subprocess.Popen([sys.executable, os.path.join(ROOT, "sft.py"), *KILL_RUN, "--out", str(out),
+                                     *extra], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def writing(tmp):  # the weights are in, the trainer state (written last) is not
+        try:
+            files = os.listdir(tmp)
+        except FileNotFoundError:  # renamed into place meanwhile
+            return False
+        return "model.safetensors" in files and "trainer_state.json" not in files
+    p, deadline, seen = sft_py(), time.time() + 120, None
+    try:
+        while p.poll() is None and time.time() < deadline:
+            names = os.listdir(ck) if ck.is_dir() else []
+            complete = [int(d[5:]) for d in names if d.startswith("step_") and d[5:].isdigit()]
+            tmp = [d for d in names if d.endswith(".tmp")]
+            if complete and max(complete) >= 3 and tmp and writing(ck / tmp[0]):
+                os.kill(p.pid, signal.SIGKILL)
+                seen = names
+                break
+            time.sleep(0.0005)
+    finally:
+        if p.poll() is None and seen is None:
+            p.kill()
+        p.wait()
+    log = (tmp_path / "log.txt").read_text()
+    assert seen is not None and p.returncode == -signal.SIGKILL, f"no kill mid-checkpoint; rc {p.returncode}\n{log}"
+    tmp = [d for d in os.listdir(ck) if d.endswith(".tmp")]
+    assert len(tmp) == 1 and writing(ck / tmp[0]), os.listdir(ck)   # the kill landed inside save_checkpoint
+    assert not (out / "model.safetensors").exists()         # and before the run's end
+
+    # the newest complete checkpoint loads: weights, optimizer state, trainer state
+    last = sft.latest_checkpoint(str(out))
+    args = sft.parser().parse_args([*KILL_RUN, "--out", str(out)])
+    model, _ = sft.build_model(args)
+    opt = torch.optim.AdamW(model.parameters())
+    with torch.random.fork_rng():
+        state = sft.load_checkpoint(last, model, opt)
+    assert 3 <= state["step"] < 12 and os.path.basename(last) == f"step_{state['step']:06d}"
+    assert all(torch.isfinite(t).all() for t in model.state_dict().values())
+
+    p = sft_py("--resume")
+    assert p.wait(timeout=120) == 0, (tmp_path / "log.txt").read_text()
+    assert sorted(os.listdir(ck)) == ["step_000011", "step_000012"]   # the .tmp tidied away
+    assert [r["step"] for r in strict_json_lines(out / "metrics.jsonl")] == list(range(1, 13))
+
+    # an uninterrupted run with the same flags (in this process: the same code, one thread too)
+    straight = tmp_path / "straight"
+    sft.train(sft.parser().parse_args([*KILL_RUN, "--out", str(straight)]))
+    a, b = weights(straight), weights(out)
+    # bit for bit: the checkpoint holds the float32 master weights, Adam's moments and step, and
+    # the RNG state exactly, the data order and the learning rate are functions of the step, and
+    # one thread sums in one fixed order
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
