@@ -10,7 +10,8 @@ truth in <answer> tags is unwrapped. Both are normalized (NFKC, unicode digits, 
 $, markdown, "the answer is", a leading "x \\in"; inequalities become intervals: 1 < x \\le 2 ==
 (1, 2], x > 3 == (3, \\infty)); then the first rule that applies:
   - choices (option texts for A, B, ...): truth and prediction each resolve to an option by letter
-    (B, (B), B., Option B) or exact text, else by value (the closest option; a tie names none);
+    (B, (B), B., Option B) or exact text, else by value (the closest option; a tie names none),
+    and match when the two options' texts do (an option listed twice is right under either letter);
   - a letter truth without choices wants that letter; text is equal ignoring case and spaces;
     'x = 5' counts as 5 when the truth has no '=';
   - tuples/intervals item by item ([0, 1) != [0, 1]); sets {2, 1} == {1, 2}, and a bare truth
@@ -483,7 +484,8 @@ def _match_seq(sp, st, loose, depth):
 
 def _choice_index(s, opts):
     """Index of the option that s names by letter or exact text, else by value (the closest
-    option; a tie names none), or None."""
+    option; a tie between different options names none), or None. An option listed twice is one
+    answer: its text names the first copy."""
     letter = _letter(s)
     if letter is not None and ord(letter) - 65 < len(opts):
         return ord(letter) - 65
@@ -494,14 +496,14 @@ def _choice_index(s, opts):
     if m and ord(m.group(1)) - 97 < len(opts):
         return ord(m.group(1)) - 97
     hits = [i for i, o in enumerate(opts) if _match(s, o)]
-    if len(hits) > 1:  # '3.1416' matches both '3.14' and '3.1416': keep the closest
+    if len({keys[i] for i in hits}) > 1:  # '3.1416' matches both '3.14' and '3.1416': the closest
         ns, vals = _number(s), [_number(opts[i]) for i in hits]
         if ns is None or None in vals:
             return None
         dist = [abs(v[0] - ns[0]) for v in vals]
         best = min(dist)
         hits = [i for i, d in zip(hits, dist) if d == best]
-    return hits[0] if len(hits) == 1 else None
+    return hits[0] if len({keys[i] for i in hits}) == 1 else None
 
 _CONTROL = re.compile(r'[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]')  # C0 controls but \t \n \r; DEL
 
@@ -523,7 +525,9 @@ def is_equiv(pred, answer, choices=None):
         opts = [_normalize(c) for c in choices]
         ti = _choice_index(t, opts)
         if ti is not None:
-            return _choice_index(p, opts) == ti
+            # the same text: an option listed twice (9, 12, 18, 18) is right under either letter
+            pi = _choice_index(p, opts)
+            return pi is not None and _key(opts[pi]) == _key(opts[ti])
     tl = _letter(t)
     if tl is not None:
         pl = _letter(p)

@@ -229,6 +229,36 @@ def test_choices_resolve_to_an_option_first(pred, truth, choices, expected):
     assert reward.is_equiv(pred, truth, choices) is expected
 
 
+# MathVista testmini lists an option twice in three rows (pids 781, 740, 587); the gold is the text
+TWICE_GOLD = ['9', '12', '18', '18']                                # gold '18': C and D
+TWICE_OTHER = ['15', '100', '50', '50']                             # gold '15': C and D are wrong
+TWICE_ZH = ['20\u6d77\u91cc', '20\u221a{2}\u6d77\u91cc', '15\u6d77\u91cc', '20\u6d77\u91cc']  # gold B
+
+
+@pytest.mark.parametrize('pred,truth,choices,expected', [
+    ('D', '18', TWICE_GOLD, True), ('(D)', '18', TWICE_GOLD, True), ('C', '18', TWICE_GOLD, True),
+    ('18', '18', TWICE_GOLD, True), ('18.0', '18', TWICE_GOLD, True), ('D', 'C', TWICE_GOLD, True),
+    ('A', '18', TWICE_GOLD, False), ('12', '18', TWICE_GOLD, False), ('B', '18', TWICE_GOLD, False),
+    ('A', '15', TWICE_OTHER, True), ('C', '15', TWICE_OTHER, False), ('D', '15', TWICE_OTHER, False),
+    ('50', '15', TWICE_OTHER, False), ('50.0', '15', TWICE_OTHER, False),
+    ('B', '20\u221a{2}\u6d77\u91cc', TWICE_ZH, True), ('A', '20\u221a{2}\u6d77\u91cc', TWICE_ZH, False),
+    ('D', '20\u221a{2}\u6d77\u91cc', TWICE_ZH, False), ('20\u6d77\u91cc', '20\u221a{2}\u6d77\u91cc', TWICE_ZH, False),
+])
+def test_an_option_listed_twice_is_right_under_either_letter(pred, truth, choices, expected):
+    assert reward.is_equiv(pred, truth, choices) is expected
+    assert reward.accuracy_reward(f'<answer>{pred}</answer>', truth, choices) == float(expected)
+
+
+@pytest.mark.parametrize('pred,truth,expected', [
+    # MathVista's float golds are written to their `precision` field's decimals, and its scorer
+    # rounds the prediction to them: a prediction 1% off that rounds to the gold is right there too
+    ('0.2121', '0.21', True), ('1.212', '1.2', True), ('-4.343', '-4.3', True),
+    ('0.216', '0.21', False), ('1.26', '1.2', False), ('48.076', '47.6', False), ('0.0', '0.1', False),
+])
+def test_a_float_truth_accepts_what_rounds_to_it_as_mathvista_scores(pred, truth, expected):
+    assert reward.is_equiv(pred, truth) is expected
+
+
 @pytest.mark.parametrize('pred,truth,expected', [
     ('100000001', '100000000', False), ('100000000', '100000000', True), ('1e8', '100000000', True),
     ('100,000,000.0', '100000000', True), ('-7.0000001', '-7', False), ('2,000,001', '2,000,000', False),
