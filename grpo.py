@@ -549,7 +549,7 @@ def train(a, records, rank, world, device):
 #   SFT2      GRPO1 answers a pool k times, the shortest correct answers fine-tune the base again
 #   GRPO2     on hard problems, the hardest set
 
-DEMO = dict(base_n=24000, base_steps=1500, reasoner_n=8000, reasoner_steps=1000, pool=4000, k=4, sft1_steps=600,
+DEMO = dict(base_n=24000, base_steps=1500, reasoner_n=32000, reasoner_steps=1000, pool=4000, k=4, sft1_steps=600,
             grpo_n=4000, grpo_steps=100, n_distill=3000, k2=2, sft2_steps=500, test_n=2000, grpo_flags=[])
 MAX_NEW = 192  # completion budget of the distillation samples and the tests (traces <= ~90 tokens)
 
