@@ -8,7 +8,7 @@ code computed, and a GRPO step at Qwen2.5-VL-3B's widths on 2 FSDP2 processes eq
 - activation checkpointing through the update pass's KV cache == no checkpointing
 - the sampler builds no autograd graph (GRPO's policy has requires_grad on)
 - tests/bench/memory_plan.py: the real parameter counts; the 7B recipe fits 8 x 80 GB only chunked
-- 3B widths, 2 layers, bf16: one GRPO step on 2 FSDP2 processes == 1 process (tests/dist_scale.py)
+- 3B widths, 2 layers (bf16 weights, fp32 compute): one GRPO step on 2 FSDP2 processes == 1 process
 """
 
 import os
