@@ -545,12 +545,12 @@ def train(a, records, rank, world, device):
 #             faults (reflections after the answer, rambling, wrong answers): DeepSeek-R1-Distill's
 #   SFT1      the base captions the pool's images, the reasoner solves each from its caption (k
 #             traces), data.py traces filters them (the first SFT set), the base is fine-tuned on it
-#   GRPO1     on easy and hard problems (SFT1's pool is easy)
+#   GRPO1     on hard problems only (SFT1's pool mixes easy and hard)
 #   SFT2      GRPO1 answers a pool k times, the shortest correct answers fine-tune the base again
-#   GRPO2     on hard problems, the hardest set
+#   GRPO2     on hard problems again, the hardest set the world has
 
-DEMO = dict(base_n=24000, base_steps=1500, reasoner_n=32000, reasoner_steps=1000, pool=4000, k=4, sft1_steps=600,
-            grpo_n=4000, grpo_steps=100, n_distill=3000, k2=2, sft2_steps=500, test_n=2000, grpo_flags=[])
+DEMO = dict(base_n=24000, base_steps=1500, reasoner_n=32000, reasoner_steps=1000, pool=4000, k=4, sft1_steps=1200,
+            grpo_n=4000, grpo_steps=100, n_distill=4000, k2=4, sft2_steps=1200, test_n=2000, grpo_flags=[])
 MAX_NEW = 192  # completion budget of the distillation samples and the tests (traces <= ~90 tokens)
 
 
@@ -576,7 +576,7 @@ def staircase_stages(root, seed, c):
             "--model", "tiny-text", "--synth", "reason", "--n-train", str(c["reasoner_n"]), "--steps", str(c["reasoner_steps"]),
             "--micro-batch-size", "8", "--out", d("reasoner")] + sd + px)]),
         ("SFT1", d("sft1"), [
-            command("data.py", ["synth", "--out", pool, "--n", str(c["pool"]), "--level", "easy", "--seed", "1"]),
+            command("data.py", ["synth", "--out", pool, "--n", str(c["pool"]), "--level", "mix", "--seed", "1"]),
             command("sample.py", ["--task", "caption", "--model", d("base"), "--data", d("pool1", "data.jsonl"),
                                   "--out", d("pool1", "captions.jsonl"), "--caption-prompt", data.CAPTION_PROMPT,
                                   "--max-new-tokens", "64", "--batch-size", "100"]),
@@ -586,7 +586,7 @@ def staircase_stages(root, seed, c):
             command("data.py", ["traces", "--data", d("pool1", "traces.jsonl"), "--out", d("sft1.jsonl"),
                                 "--max-words", str(data.MAX_WORDS)]),
             command("sft.py", from_base + ["--data", d("sft1.jsonl"), "--steps", str(c["sft1_steps"]), "--out", d("sft1")])]),
-        ("GRPO1", d("grpo1"), [command("grpo.py", ["--model", d("sft1"), "--level", "mix", "--out", d("grpo1")] + grpo)]),
+        ("GRPO1", d("grpo1"), [command("grpo.py", ["--model", d("sft1"), "--level", "hard", "--out", d("grpo1")] + grpo)]),
         ("SFT2", d("sft2"), [
             command("data.py", ["synth", "--out", dis, "--n", str(c["n_distill"]), "--level", "mix", "--seed", "2"]),
             command("sample.py", ["--task", "distill", "--model", d("grpo1"), "--data", d("distill", "data.jsonl"),
