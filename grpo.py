@@ -446,7 +446,7 @@ def build_start_model(seed):
     """The demo's default --model, runs/sft1, is not there yet: build the stages before GRPO1
     (base, reasoner, SFT1) with the staircase, in rank 0 alone, while the other ranks wait."""
     E.print0("grpo.py: no runs/sft1 yet, so building the stages before GRPO1 first (the base, the text "
-             "reasoner and SFT1: about 20 minutes on 2 CPU cores; runs/staircase.md says what they are)")
+             "reasoner and SFT1: about 35 minutes on 2 CPU cores; runs/staircase.md says what they are)")
     if int(os.environ.get("RANK", 0)) == 0:
         hidden = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE") if k in os.environ}  # one plain process
         try:
