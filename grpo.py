@@ -7,13 +7,13 @@ GRPO, by hand: sample G completions per prompt, score them, push up the better o
 
 One rollout, in train(): 1) `rollout`: G completions for each of P prompts (sample.py,
 --rollout-batch rows per call, weights gathered once per call); 2) `score`: reward 1 if the
-answer matches, else 0 (reward.py), and group advantages; 3) `reference_logps`: log-probs of
-the drawn tokens under the frozen start model and, if the rollout is reused, under the sampling
-policy; 4) `update`: one optimizer step per minibatch on the clipped objective (`grpo_loss`,
+answer matches, else 0 (reward.py), and group advantages (`draw_rollout` runs 1 and 2, again on
+new prompts with --dynamic-sampling); 3) `reference_logps`: log-probs of the drawn tokens under
+the frozen start model and, if the rollout is reused, under the sampling policy; 4) `update`: one optimizer step per minibatch on the clipped objective (`grpo_loss`,
 formula below; a step whose loss or gradient norm is not finite is skipped, and 3 in a row stop
 the run); 5) `rollout_metrics`: a line of metrics.jsonl (reward, accuracy per family, kl,
-clip_frac, entropy, signal_frac: the share of groups whose rewards differ, time per phase;
-test_accuracy every --eval-every rollouts).
+clip_frac, entropy, signal_frac: the share of groups whose rewards differ, logp_gap, draws,
+time per phase; test_accuracy every --eval-every rollouts).
 
 How this departs from the paper's trainer (EasyR1 on verl): our own sampler instead of vLLM;
 padded batches, no packing; the log-prob passes run each prompt and its image once and its G
@@ -42,6 +42,8 @@ import sample
 import sft
 
 GRAD_CLIP = 1.0  # max gradient norm, as the paper's trainer (sft.py uses the same)
+MAX_DRAWS = 4  # --dynamic-sampling: draws of a rollout's prompts at most (the first included)
+OVERLONG_BUFFER = 0.25  # --overlong penalty: the last quarter of max_new_tokens is penalized (DAPO: 4k of 20k)
 
 # -----------------------------------------------------------------------------
 # the objective
@@ -53,8 +55,19 @@ GRAD_CLIP = 1.0  # max gradient norm, as the paper's trainer (sft.py uses the sa
 #     pg_t  = min(pg_t, -A dual_clip)       if A < 0 (a far-off-policy bad sample cannot blow up)
 #     kl_t  = exp(ref_t - logp_t) - (ref_t - logp_t) - 1      (k3 estimator: >= 0, 0 iff equal)
 #     loss  = sum_t (pg_t + beta kl_t) / (completion tokens of the minibatch, all ranks)
-# (--seq-mean: a mean over each completion's tokens, then over completions.) A group whose
-# rewards are all equal has A = 0 and teaches nothing: we count the groups with signal.
+# A group whose rewards are all equal has A = 0 and teaches nothing: we count the groups with
+# signal. The known fixes, each a flag (the default is the paper's trainer, written above):
+#   --loss-agg seq-mean   sum_t (...) / |o_i|, then a mean over completions (the original GRPO;
+#                         a long completion's tokens weigh less, so long wrong answers are cheap)
+#   --loss-agg constant   sum_t (...) / (completions x max_new_tokens)   (Dr.GRPO, with --no-std)
+#   --ratio sequence      GSPO: one ratio per completion, s_i = exp(mean_t (logp_t - logp_old_t)),
+#                         on every token of o_i (its gradient: s_i grad logp_t), clipped at
+#                         1 -/+ (3e-4, 4e-4); with --loss-agg seq-mean, GSPO's objective exactly
+#   --tis-cap C           pg_t *= min(exp(logp_old_t - logp_sampler_t), C): truncated importance
+#                         sampling, for when the sampler's numbers differ from the trainer's (bf16)
+#   --overlong mask       a completion that ran out of max_new_tokens is left out of the loss
+#   --overlong penalty    r_i += clip((L - L_buf - |o_i|) / L_buf, -1, 0), L = max_new_tokens (DAPO)
+#   --dynamic-sampling    a prompt whose group has no signal is replaced by another (DAPO), below
 
 
 def group_advantages(rewards, group_size, scale_std=True, eps=1e-6):
@@ -67,25 +80,49 @@ def group_advantages(rewards, group_size, scale_std=True, eps=1e-6):
     return adv.flatten(), signal
 
 
-def grpo_loss(logp, old_logp, ref_logp, adv, n_norm, clip_low=0.2, clip_high=0.3,
-              dual_clip=3.0, beta=0.01, seq_mean=False, seq_len=None):
+def overlong_penalty(lengths, max_new_tokens, buffer=OVERLONG_BUFFER):
+    """DAPO's soft length penalty, (N,) completion lengths -> (N,) in [-1, 0]: 0 up to
+    L - L_buf tokens, then falling linearly to -1 at the budget L."""
+    L, buf = max_new_tokens, max(1.0, buffer * max_new_tokens)
+    return ((L - buf - lengths.float()) / buf).clamp(-1.0, 0.0)
+
+
+def tis_weights(old_logp, sampled_logp, cap):
+    """Truncated importance sampling, per token: min(pi_trainer / pi_sampler, cap)."""
+    return torch.exp(old_logp.float() - sampled_logp.float()).clamp(max=cap)
+
+
+def grpo_loss(logp, old_logp, ref_logp, adv, n_norm, clip_low=0.2, clip_high=0.3, dual_clip=3.0,
+              beta=0.01, seq_id=None, agg="token-mean", ratio="token", weight=None, is_weight=None):
     """Per-token inputs, flat over the completion tokens of a micro-batch (N,): logp (with grad),
-    old_logp, ref_logp (None when beta == 0), adv (its completion's advantage). n_norm: the
-    divisor over the whole minibatch on all ranks: completion tokens (token-mean) or completions
-    (seq-mean; then seq_len (N,) is each token's completion length). -> (loss, stats)."""
-    ratio = torch.exp(logp - old_logp)
-    pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_low, 1 + clip_high))
+    old_logp, ref_logp (None when beta == 0), adv (its completion's advantage); seq_id (N,): its
+    completion's index, for --loss-agg seq-mean and --ratio sequence; weight (N,): 0 for tokens
+    left out of the loss (--overlong mask); is_weight (N,): truncated importance weights
+    (--tis-cap). n_norm: the divisor over the whole minibatch on all ranks (completion tokens,
+    completions, or completions x max_new_tokens). -> (loss, stats)."""
+    log_ratio = logp - old_logp
+    if ratio == "sequence" or agg == "seq-mean":
+        n = torch.bincount(seq_id).clamp(min=1).to(logp.dtype)              # tokens per completion
+    if ratio == "sequence":  # the value of the completion's mean log-ratio, the gradient of logp_t
+        seq_lr = torch.zeros_like(n).index_add_(0, seq_id, log_ratio.detach()) / n
+        log_ratio = seq_lr[seq_id] + logp - logp.detach()
+    ratio_t = torch.exp(log_ratio)
+    pg = torch.maximum(-adv * ratio_t, -adv * ratio_t.clamp(1 - clip_low, 1 + clip_high))
     pg = torch.where(adv < 0, torch.minimum(pg, -adv * dual_clip), pg)
+    if is_weight is not None:
+        pg = pg * is_weight
     per_tok = pg
     kl = torch.zeros_like(logp)
     if ref_logp is not None and beta > 0:
         d = ref_logp - logp
         kl = torch.exp(d) - d - 1
         per_tok = per_tok + beta * kl
-    w = 1.0 / seq_len if seq_mean else torch.ones_like(logp)
+    w = 1.0 / n[seq_id] if agg == "seq-mean" else torch.ones_like(logp)
+    if weight is not None:
+        w = w * weight
     loss = (per_tok * w).sum() / n_norm
     with torch.no_grad():
-        clipped = ((ratio < 1 - clip_low) & (adv < 0)) | ((ratio > 1 + clip_high) & (adv > 0))
+        clipped = ((ratio_t < 1 - clip_low) & (adv < 0)) | ((ratio_t > 1 + clip_high) & (adv > 0))
         stats = dict(kl=kl.detach().sum().item(), clipped=clipped.sum().item(), tokens=logp.numel())
     return loss, stats
 
@@ -94,14 +131,15 @@ def grpo_loss(logp, old_logp, ref_logp, adv, n_norm, clip_low=0.2, clip_high=0.3
 # the rows of a rollout and their log-probs
 
 
-def build_sequences(encs, s, adv=None):
-    """Prompt encodings (P) + Samples (P*n rows) [+ advantages (P*n,)] -> one item per row: its
-    prompt (id and encoding, shared by the rows of a group), its completion tokens, its advantage."""
+def build_sequences(encs, s, adv=None, keep=None):
+    """Prompt encodings (P) + Samples (P*n rows) [+ advantages (P*n,), keep (P*n,): 0 for a row
+    left out of the loss] -> one item per row: its prompt (id and encoding, shared by the rows of
+    a group), its completion tokens and their log-probs under the sampler, its advantage."""
     items = []
     for r in range(len(s.lengths)):
-        i = int(s.prompt_index[r])
-        comp = s.tokens[r, :int(s.lengths[r])]
-        items.append(dict(prompt_id=i, prompt=encs[i], completion=comp, n_comp=len(comp)))
+        i, n = int(s.prompt_index[r]), int(s.lengths[r])
+        items.append(dict(prompt_id=i, prompt=encs[i], completion=s.tokens[r, :n], n_comp=n,
+                          sampled=s.logprobs[r, :n], keep=1.0 if keep is None else float(keep[r])))
         if adv is not None:
             items[-1]["adv"] = float(adv[r])
     return items
@@ -237,16 +275,61 @@ def concat_samples(parts, per_call, pad_id):
                           cat(lambda s: s.sample_index), [t for s in parts for t in s.texts])
 
 
-def score(texts, recs, a):
+def select_groups(draws, choice, G, pad_id):
+    """Samples of D draws of the same P prompt slots, choice (P,): the draw each slot takes ->
+    one Samples of P groups, group p from draw choice[p]."""
+    P = len(choice)
+    s = concat_samples(draws, P, pad_id)
+    rows = torch.cat([choice[p] * P * G + p * G + torch.arange(G) for p in range(P)])
+    return sample.Samples(s.tokens[rows], s.logprobs[rows], s.lengths[rows], s.finished[rows],
+                          torch.arange(P).repeat_interleave(G), s.sample_index[rows], [s.texts[r] for r in rows])
+
+
+def score(s, recs, a):
     """The P*G completions (group after group) -> (acc, fmt, rewards, adv: each (P*G,), groups
-    with signal). reward = accuracy + format_weight * format (the paper: accuracy alone)."""
+    with signal). reward = accuracy + format_weight * format (the paper: accuracy alone)
+    [+ the overlong penalty]."""
     G = a.group_size
     acc = torch.tensor([reward.accuracy_reward(t, recs[r // G]["answer"], recs[r // G].get("choices"))
-                        for r, t in enumerate(texts)])
-    fmt = torch.tensor([reward.format_reward(t) for t in texts])
+                        for r, t in enumerate(s.texts)])
+    fmt = torch.tensor([reward.format_reward(t) for t in s.texts])
     rewards = acc + a.format_weight * fmt
+    if a.overlong == "penalty":
+        rewards = rewards + overlong_penalty(s.lengths, a.max_new_tokens)
     adv, signal = group_advantages(rewards, G, scale_std=not a.no_std)
     return acc, fmt, rewards, adv, signal
+
+
+def draw_rollout(policy, tok, records, order, step, a, rank, world, device, autocast, times):
+    """Sample and score rollout `step` -> (recs, encs, Samples, scores, draws); the seconds
+    spent go to times["sample"] and times["score"]. With
+    --dynamic-sampling (DAPO), while some prompt's G rewards are all equal, the rollout's prompts
+    are drawn again (new ones), up to MAX_DRAWS times, and each prompt slot takes the first group
+    with signal drawn for it (or its first, if none has). DAPO fills the step with the first
+    groups with signal in any order; slots keep each rank's share of a step fixed, so N ranks
+    still equal one process. The extra draws count in time_sample and in `draws`."""
+    n_draws, G, got = MAX_DRAWS if a.dynamic_sampling else 1, a.group_size, []
+    clock = lambda key, t0: times.update({key: times.get(key, 0.0) + time.time() - t0})
+    for d in range(n_draws):
+        t0 = time.time()
+        gidx, recs = rollout_prompts(records, order, step * n_draws + d, a, rank, world)
+        encs, s = rollout(policy, tok, recs, gidx, a, autocast)
+        clock("sample", t0)
+        t0 = time.time()
+        got.append((recs, encs, s, score(s, recs, a)))
+        clock("score", t0)
+        r = torch.stack([sc[2].view(-1, G) for *_, sc in got])                     # (D, P, G) rewards
+        has = r.amax(-1) > r.amin(-1)                                              # (D, P) signal
+        lacking = torch.tensor(float((~has.any(0)).sum()), device=device)
+        if d + 1 == n_draws or E.all_reduce_sum(lacking).item() == 0:
+            break
+    if len(got) == 1:
+        return (*got[0], 1)
+    choice = has.int().argmax(0).tolist()                                          # the first draw with signal
+    recs = [got[c][0][p] for p, c in enumerate(choice)]
+    encs = [got[c][1][p] for p, c in enumerate(choice)]
+    s = select_groups([g[2] for g in got], choice, G, pad_of(tok))
+    return recs, encs, s, score(s, recs, a), len(got)
 
 
 def reference_logps(policy, ref, items, a, pad_id, autocast):
@@ -268,16 +351,22 @@ def reference_logps(policy, ref, items, a, pad_id, autocast):
 
 
 def policy_loss(policy, mb, n_norm, a, pad_id, device, autocast):
-    """The objective on one micro-batch of rows, with grad -> (loss, stats, entropy (N,))."""
+    """The objective on one micro-batch of rows, with grad -> (loss, stats, entropy (N,)).
+    stats["gap"]: sum of |logp_old - logp_sampler|, the trainer's and the sampler's numbers for
+    the same tokens under the same weights (0 up to rounding in fp32; bf16 on a GPU is not)."""
     with autocast:
         logp, ent = completion_logps(policy, mb, pad_id, with_entropy=True)
     cat = lambda key: torch.cat([it[key] if it[key] is not None else torch.zeros(0) for it in mb]).to(device)
+    per_tok = lambda key: torch.cat([torch.full((it["n_comp"],), float(it[key])) for it in mb]).to(device)
     old = logp.detach() if mb[0]["old"] is None else cat("old")
     ref_lp = cat("ref") if mb[0]["ref"] is not None else None
-    adv = torch.cat([torch.full((it["n_comp"],), it["adv"]) for it in mb]).to(device)
-    seq_len = torch.cat([torch.full((it["n_comp"],), float(max(it["n_comp"], 1))) for it in mb]).to(device)
-    loss, st = grpo_loss(logp, old, ref_lp, adv, n_norm, a.clip_low, a.clip_high, a.dual_clip, a.beta,
-                         a.seq_mean, seq_len)
+    seq_id = torch.cat([torch.full((it["n_comp"],), i) for i, it in enumerate(mb)]).to(device)
+    sampled = cat("sampled")
+    is_weight = tis_weights(old, sampled, a.tis_cap) if a.tis_cap > 0 else None
+    weight = per_tok("keep") if any(it["keep"] < 1 for it in mb) else None
+    loss, st = grpo_loss(logp, old, ref_lp, per_tok("adv"), n_norm, a.clip_low, a.clip_high, a.dual_clip, a.beta,
+                         seq_id, a.loss_agg, a.ratio, weight, is_weight)
+    st["gap"] = (old.float() - sampled.float()).abs().sum().item()
     return loss, st, ent
 
 
@@ -287,15 +376,17 @@ def update(policy, opt, items, a, pad_id, world, device, autocast, guard=None, r
     not finite is skipped (guard: sft.FiniteGuard, which stops the run after 3 in a row).
     -> summed stats for the metrics."""
     policy.train()
-    stats = dict(loss=0.0, kl=0.0, clipped=0, tokens=0, entropy=0.0, grad_norm=0.0, skipped=0)
+    stats = dict(loss=0.0, kl=0.0, clipped=0, tokens=0, gap=0.0, entropy=0.0, grad_norm=0.0, skipped=0)
     rows_per_step = a.prompts_per_step // world * a.group_size
     for _ in range(a.mu):
         for s0 in range(0, len(items), rows_per_step):
             step_items = items[s0:s0 + rows_per_step]
-            # the loss's divisor: completion tokens (or completions) of the minibatch on all ranks
-            n = torch.tensor([float(sum(it["n_comp"] for it in step_items)), float(len(step_items))], device=device)
+            # the loss's divisor: completion tokens, completions, or completions x max_new_tokens of
+            # the minibatch on all ranks (rows left out by --overlong mask not counted)
+            n = torch.tensor([float(sum(it["n_comp"] * it["keep"] for it in step_items)),
+                              float(sum(it["keep"] for it in step_items))], device=device)
             n_tok, n_seq = E.all_reduce_sum(n)
-            n_norm = (n_seq if a.seq_mean else n_tok).clamp(min=1)
+            n_norm = {"token-mean": n_tok, "seq-mean": n_seq, "constant": n_seq * a.max_new_tokens}[a.loss_agg].clamp(min=1)
             opt.zero_grad(set_to_none=True)
             step_loss = torch.zeros((), dtype=torch.float64, device=device)
             for m0 in range(0, len(step_items), a.micro_batch):
@@ -304,7 +395,7 @@ def update(policy, opt, items, a, pad_id, world, device, autocast, guard=None, r
                 (loss * world).backward()  # FSDP averages gradients over ranks; the loss is already a global mean
                 step_loss += loss.detach()
                 stats["loss"] += loss.item()
-                for k in ("kl", "clipped", "tokens"):
+                for k in ("kl", "clipped", "tokens", "gap"):
                     stats[k] += st[k]
                 stats["entropy"] += ent.sum().item()
             gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), GRAD_CLIP)
@@ -327,19 +418,21 @@ def family_sums(acc, families):
                          for name in data.FAMILIES])
 
 
-def rollout_metrics(step, a, s, scores, stats, recs, times, device, t_start):
-    """One line of metrics.jsonl: this rank's rollout, summed over ranks, as means."""
+def rollout_metrics(step, a, s, scores, stats, recs, times, device, t_start, draws=1):
+    """One line of metrics.jsonl: this rank's rollout, summed over ranks, as means. logp_gap: the
+    mean |logp_trainer - logp_sampler| per token; draws: the prompt draws of --dynamic-sampling."""
     acc, fmt, rewards, _, signal = scores
     G, P = a.group_size, len(recs)
     vals = torch.tensor([float(rewards.sum()), float(acc.sum()), float(fmt.sum()), float(len(rewards)),
                          stats["kl"], stats["clipped"], stats["tokens"], stats["entropy"], float(signal),
-                         float(P), float(s.lengths.sum()), stats["loss"]], device=device)
+                         float(P), float(s.lengths.sum()), stats["loss"], stats["gap"]], device=device)
     fams = [(recs[r // G].get("meta") or {}).get("family") for r in range(len(acc))]
     vals = E.all_reduce_sum(torch.cat([vals, family_sums(acc, fams).flatten().to(device)]))
-    (rew, acc, fmt, R, kl, clipped, tokens, ent, signal, P, gen, loss), fam = vals[:12].tolist(), vals[12:].view(-1, 2)
+    (rew, acc, fmt, R, kl, clipped, tokens, ent, signal, P, gen, loss, gap), fam = vals[:13].tolist(), vals[13:].view(-1, 2)
     n_opt, T = a.mu * a.prompts_per_rollout // a.prompts_per_step, max(tokens, 1)
     row = dict(step=step + 1, reward=rew / R, accuracy=acc / R, format=fmt / R, kl=kl / T, clip_frac=clipped / T,
                entropy=ent / T, response_length=gen / R, signal_frac=signal / P, loss=loss / n_opt,
+               logp_gap=gap / T, draws=draws,
                grad_norm=stats["grad_norm"], skipped_steps=stats["skipped"], lr=a.lr,
                **{f"time_{k}": v for k, v in times.items()},
                tokens_per_s=gen / max(sum(times.values()), 1e-9), elapsed=time.time() - t_start)
@@ -383,12 +476,25 @@ def get_args(argv=None):
     # objective
     p.add_argument("--beta", type=nonneg, default=0.1, help="KL coefficient (k3 estimator to the start model); "
                    "the paper's 0.01 goes with its lr 1e-6, the demo's lr 1e-4 needs a firmer anchor")
-    p.add_argument("--clip-low", type=data.at_least(0.0, float, below=1.0), default=0.2, help="eps_low: ratio floor 1 - eps_low")
-    p.add_argument("--clip-high", type=nonneg, default=0.3, help="eps_high: ratio ceiling 1 + eps_high")
+    p.add_argument("--clip-low", type=data.at_least(0.0, float, below=1.0), default=None,
+                   help="eps_low: ratio floor 1 - eps_low (default 0.2; 3e-4 with --ratio sequence, GSPO's)")
+    p.add_argument("--clip-high", type=nonneg, default=None,
+                   help="eps_high: ratio ceiling 1 + eps_high (default 0.3; 4e-4 with --ratio sequence)")
     p.add_argument("--dual-clip", type=data.at_least(1.0, float), default=3.0,
                    help="cap on the loss of negative-advantage tokens, x|A|")
     p.add_argument("--no-std", action="store_true", help="advantage r - mean(r), without dividing by std (Dr.GRPO)")
-    p.add_argument("--seq-mean", action="store_true", help="mean per completion, then over completions (default: token-mean)")
+    p.add_argument("--loss-agg", default="token-mean", choices=["token-mean", "seq-mean", "constant"],
+                   help="the loss over a minibatch: a mean over its tokens (DAPO, the paper's trainer), over each "
+                   "completion's tokens then over completions (GRPO), or a sum / (completions x max_new_tokens) (Dr.GRPO)")
+    p.add_argument("--ratio", default="token", choices=["token", "sequence"],
+                   help="importance ratio per token, or one per completion (GSPO)")
+    p.add_argument("--tis-cap", type=nonneg, default=0.0, help="truncated importance sampling: weight each token's "
+                   "policy loss by min(pi_trainer / pi_sampler, cap) (0: off)")
+    p.add_argument("--overlong", default="keep", choices=["keep", "mask", "penalty"],
+                   help="a completion that runs out of --max-new-tokens: trained on as any other, left out of the "
+                   "loss, or a soft length penalty over the last quarter of the budget (DAPO)")
+    p.add_argument("--dynamic-sampling", action="store_true", help="replace prompts whose G rewards are all equal "
+                   f"by new ones, up to {MAX_DRAWS} draws a rollout (DAPO)")
     p.add_argument("--format-weight", type=nonneg, default=0.0, help="weight of the format reward (paper: 0)")
     # optimization
     p.add_argument("--steps", type=n1, default=100, help="rollouts")
@@ -411,7 +517,11 @@ def get_args(argv=None):
                    "(see staircase(); with --seed); other flags are ignored")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 compute (default: on CUDA)")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    gspo = a.ratio == "sequence"  # GSPO's ratio is a mean over hundreds of tokens: its clip range is narrow
+    a.clip_low = (3e-4 if gspo else 0.2) if a.clip_low is None else a.clip_low
+    a.clip_high = (4e-4 if gspo else 0.3) if a.clip_high is None else a.clip_high
+    return a
 
 
 def pad_of(tok):
@@ -512,18 +622,17 @@ def train(a, records, rank, world, device):
     guard, t_start = sft.FiniteGuard(last_good=ck), time.time()
     from tqdm import tqdm
     for step in tqdm(range(start, a.steps), initial=start, total=a.steps, desc="grpo", disable=rank != 0):
-        times, t0 = {}, time.time()
-        gidx, recs = rollout_prompts(records, order, step, a, rank, world)
-        encs, s = rollout(policy, tok, recs, gidx, a, autocast)                      # 1. sample
-        times["sample"], t0 = time.time() - t0, time.time()
-        scores = score(s.texts, recs, a)                                              # 2. score
-        times["score"], t0 = time.time() - t0, time.time()
-        items = build_sequences(encs, s, adv=scores[3])                              # 3. log-probs
+        times = {}
+        recs, encs, s, scores, draws = draw_rollout(policy, tok, records, order, step, a, rank, world,
+                                                    device, autocast, times)          # 1. sample, 2. score
+        t0 = time.time()
+        keep = s.finished if a.overlong == "mask" else None
+        items = build_sequences(encs, s, adv=scores[3], keep=keep)                   # 3. log-probs
         reference_logps(policy, ref, items, a, pad_of(tok), autocast)
         times["reference"], t0 = time.time() - t0, time.time()
         stats = update(policy, opt, items, a, pad_of(tok), world, device, autocast, guard, step + 1)  # 4. update
         times["update"] = time.time() - t0
-        row = rollout_metrics(step, a, s, scores, stats, recs, times, device, t_start)  # 5. metrics
+        row = rollout_metrics(step, a, s, scores, stats, recs, times, device, t_start, draws)  # 5. metrics
         if test is not None and ((step + 1) % a.eval_every == 0 or step + 1 == a.steps):
             row.update(test_metrics(policy, tok, test, step, rank, world))
         log.log(**row)

@@ -4,7 +4,8 @@ reward, as one plain process (`python tests/dist_grpo.py ...`) or under torchrun
 
 The reward replaces the accuracy reward with the share of ASCII letters in the completion: a
 random micro model then gets rewards that differ within every group (so every step carries a
-real update), and the model can learn to raise it within a few dozen steps.
+real update), and the model can learn to raise it within a few dozen steps. With
+DIST_GRPO_REWARD=binary it is 1 above half letters, else 0: some groups then have no signal.
 """
 
 import os
@@ -19,8 +20,13 @@ def letter_share(completion, answer=None, choices=None):
     return sum(c.isascii() and c.isalpha() for c in completion) / max(len(completion), 1)
 
 
+def letter_majority(completion, answer=None, choices=None):
+    return float(letter_share(completion) > 0.5)
+
+
 def run(argv):
-    grpo.reward.accuracy_reward = letter_share
+    binary = os.environ.get("DIST_GRPO_REWARD") == "binary"
+    grpo.reward.accuracy_reward = letter_majority if binary else letter_share
     grpo.main(argv)
 
 

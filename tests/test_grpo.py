@@ -73,15 +73,92 @@ def test_kl_nonnegative_and_zero_at_reference():
     assert st["kl"] == pytest.approx(k3.sum().item())
 
 
-def test_token_mean_vs_sequence_mean():
+@pytest.mark.parametrize("agg, n_norm, want", [
+    ("token-mean", 4.0, (-3 + 1) / 4),          # every token alike: -0.5
+    ("seq-mean", 2.0, ((-3) / 3 + 1 / 1) / 2),  # mean per completion (-1, +1), then over completions: 0
+    ("constant", 2 * 8.0, (-3 + 1) / 16),       # Dr.GRPO: a sum over 2 completions x max_new_tokens 8
+])
+def test_loss_aggregation(agg, n_norm, want):
     # two completions: 3 tokens with A=1, 1 token with A=-1, at ratio 1 (pg = -A per token)
-    logp = torch.zeros(4)
+    logp = torch.zeros(4, requires_grad=True)
     adv = torch.tensor([1.0, 1.0, 1.0, -1.0])
-    seq_len = torch.tensor([3.0, 3.0, 3.0, 1.0])
-    tok, _ = grpo.grpo_loss(logp, logp, None, adv, torch.tensor(4.0), beta=0.0)
-    seq, _ = grpo.grpo_loss(logp, logp, None, adv, torch.tensor(2.0), beta=0.0, seq_mean=True, seq_len=seq_len)
-    assert tok.item() == pytest.approx((-3 + 1) / 4)           # token-mean: -0.5
-    assert seq.item() == pytest.approx(((-1) + (1)) / 2)       # mean per completion (-1, +1), then mean: 0
+    seq_id = torch.tensor([0, 0, 0, 1])
+    loss, _ = grpo.grpo_loss(logp, logp.detach(), None, adv, torch.tensor(n_norm), beta=0.0, seq_id=seq_id, agg=agg)
+    assert loss.item() == pytest.approx(want)
+    loss.backward()
+    per_token = {"token-mean": [1 / 4] * 4, "seq-mean": [1 / 6, 1 / 6, 1 / 6, 1 / 2], "constant": [1 / 16] * 4}[agg]
+    assert torch.allclose(logp.grad, -adv * torch.tensor(per_token))
+
+
+def test_gspo_sequence_ratio():
+    """GSPO: s = exp(mean_t (logp_t - old_t)) on every token of the completion; its gradient on
+    token t is A s / |o| (seq-mean), the same for every token."""
+    logp = torch.tensor([0.1, 0.3, -0.2], requires_grad=True)   # old = 0: log-ratios 0.1, 0.3; -0.2
+    adv, seq_id = torch.tensor([1.0, 1.0, -1.0]), torch.tensor([0, 0, 1])
+    loss, st = grpo.grpo_loss(logp, torch.zeros(3), None, adv, torch.tensor(2.0), clip_low=0.2, clip_high=0.3,
+                              beta=0.0, seq_id=seq_id, agg="seq-mean", ratio="sequence")
+    s0, s1 = math.exp(0.2), math.exp(-0.2)      # 1.221 (inside 1.3), 0.819 (inside 0.8 for A < 0)
+    assert loss.item() == pytest.approx((-s0 + s1) / 2)
+    loss.backward()
+    assert torch.allclose(logp.grad, torch.tensor([-s0 / 4, -s0 / 4, s1 / 2]))
+    # GSPO's own clip range: s0 is above 1 + 4e-4 with A > 0, s1 below 1 - 3e-4 with A < 0: both
+    # completions are clipped, their tokens get no gradient
+    logp.grad = None
+    loss, st = grpo.grpo_loss(logp, torch.zeros(3), None, adv, torch.tensor(2.0), clip_low=3e-4, clip_high=4e-4,
+                              beta=0.0, seq_id=seq_id, agg="seq-mean", ratio="sequence")
+    assert loss.item() == pytest.approx((-(1 + 4e-4) + (1 - 3e-4)) / 2, abs=1e-6)
+    loss.backward()
+    assert logp.grad.abs().max() == 0 and st["clipped"] == 3
+
+
+def test_truncated_importance_weights():
+    old, sampled = torch.tensor([-1.0, -1.0, -1.0]), torch.tensor([-1.0, -1.5, -0.2])
+    w = grpo.tis_weights(old, sampled, cap=1.5)                 # exp(0), exp(0.5) = 1.65 -> 1.5, exp(-0.8)
+    assert torch.allclose(w, torch.tensor([1.0, 1.5, math.exp(-0.8)]))
+    logp = old.clone().requires_grad_()
+    loss, _ = loss_of(logp, old, torch.ones(3), is_weight=w)   # pg = -A w at ratio 1
+    assert loss.item() == pytest.approx(-(1 + 1.5 + math.exp(-0.8)) / 3)
+
+
+def test_overlong_penalty_and_mask():
+    # budget 8, buffer a quarter of it (2 tokens): no penalty up to 6, then -1/2 per token
+    got = grpo.overlong_penalty(torch.tensor([3, 6, 7, 8]), 8)
+    assert torch.allclose(got, torch.tensor([0.0, 0.0, -0.5, -1.0]))
+    # a masked token adds nothing to the loss and gets no gradient
+    logp = torch.zeros(3, requires_grad=True)
+    loss, _ = grpo.grpo_loss(logp, logp.detach(), None, torch.tensor([1.0, 1.0, -2.0]), torch.tensor(2.0),
+                             beta=0.0, weight=torch.tensor([1.0, 1.0, 0.0]))
+    assert loss.item() == pytest.approx(-1.0)
+    loss.backward()
+    assert logp.grad.tolist() == [-0.5, -0.5, 0.0]
+
+
+def test_dynamic_sampling_replaces_groups_without_signal(monkeypatch):
+    """2 prompt slots x G=2; rewards by global prompt index: in draw 0 only slot 0 has signal, in
+    draw 1 slot 1 has: the rollout keeps draw 0's group in slot 0, draw 1's in slot 1, and stops."""
+    import argparse
+    import sample
+    right = {0: [1, 0], 1: [0, 0], 2: [1, 1], 3: [0, 1]}        # global prompt -> its 2 samples' rewards
+    recs = [dict(id=str(i), answer="7") for i in range(4)]
+
+    def fake_rollout(policy, tok, rs, gidx, a, autocast):
+        texts = [f"<answer>{7 if ok else 3}</answer> {g}" for g in gidx for ok in right[g]]
+        R = len(texts)
+        toks = torch.tensor([[10 * g + j] for g in gidx for j in range(2)])   # (R, 1)
+        return ([f"enc{g}" for g in gidx], sample.Samples(toks, torch.zeros(R, 1),
+                torch.ones(R, dtype=torch.long), torch.ones(R, dtype=torch.bool),
+                torch.arange(len(gidx)).repeat_interleave(2), torch.arange(2).repeat(len(gidx)), texts))
+    monkeypatch.setattr(grpo, "rollout", fake_rollout)
+    a = argparse.Namespace(dynamic_sampling=True, group_size=2, prompts_per_rollout=2, prompts_per_step=2,
+                           format_weight=0.0, overlong="keep", no_std=False, max_new_tokens=8)
+    tok = argparse.Namespace(pad_token_id=0)
+    got_recs, encs, s, scores, draws = grpo.draw_rollout(None, tok, recs, [0, 1, 2, 3], 0, a, 0, 1, "cpu", None, {})
+    assert draws == 2 and [r["id"] for r in got_recs] == ["0", "3"] and encs == ["enc0", "enc3"]
+    assert s.texts == ["<answer>7</answer> 0", "<answer>3</answer> 0", "<answer>3</answer> 3", "<answer>7</answer> 3"]
+    assert s.tokens[:, 0].tolist() == [0, 1, 30, 31] and s.prompt_index.tolist() == [0, 0, 1, 1]
+    assert scores[2].tolist() == [1, 0, 0, 1] and scores[4] == 2
+    a.dynamic_sampling = False                                 # off: one draw, the group without signal stays
+    assert grpo.draw_rollout(None, tok, recs, [0, 1, 2, 3], 0, a, 0, 1, "cpu", None, {})[4] == 1
 
 
 def tiny_vl(layers=2, seed=0):
@@ -213,12 +290,26 @@ def weights(path):
     return load_file(os.path.join(path, "model.safetensors"))
 
 
-def test_two_processes_fsdp_equal_one_process(world):
+VARIANTS = {  # the objective's fixes, on together (--overlong mask would leave nothing to train
+    # on here: a random model never ends a completion; GSPO's ratio with the wider token clip range,
+    # so that some tokens are clipped and some not)
+    "default": [],
+    "variants": ["--dynamic-sampling", "--loss-agg", "constant", "--no-std", "--tis-cap", "2", "--overlong",
+                 "penalty", "--ratio", "sequence", "--clip-low", "0.2", "--clip-high", "0.3"],
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_two_processes_fsdp_equal_one_process(world, variant):
     """Same rollouts (the sampler's draws depend on prompt keys, not on ranks), same update:
-    FSDP2 on 2 ranks (gloo) == 1 process, after 2 rollouts x 2 optimizer steps."""
-    args = ["--model", world["model"], "--data", world["data"], *LOOP]
+    FSDP2 on 2 ranks (gloo) == 1 process, after 2 rollouts x 2 optimizer steps; with each
+    variant of the objective too (dynamic sampling on a 0/1 reward, so groups without signal
+    are redrawn)."""
+    args = ["--model", world["model"], "--data", world["data"], *LOOP, *VARIANTS[variant]]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    out1, out2 = str(world["root"] / "one"), str(world["root"] / "two")
+    if "--dynamic-sampling" in args:
+        env["DIST_GRPO_REWARD"] = "binary"
+    out1, out2 = str(world["root"] / variant / "one"), str(world["root"] / variant / "two")
     worker = os.path.join(ROOT, "tests", "dist_grpo.py")
     p1 = subprocess.run([sys.executable, worker, *args, "--out", out1], env=env, capture_output=True, text=True, timeout=300)
     assert p1.returncode == 0, p1.stderr[-4000:]
@@ -227,6 +318,9 @@ def test_two_processes_fsdp_equal_one_process(world):
     assert p2.returncode == 0, p2.stdout[-2000:] + p2.stderr[-6000:]
     m1, m2 = metrics(out1), metrics(out2)
     assert [m["step"] for m in m1] == [m["step"] for m in m2] == [1, 2]
+    assert [m["draws"] for m in m1] == [m["draws"] for m in m2]
+    if "--dynamic-sampling" in args:
+        assert max(m["draws"] for m in m1) > 1                           # a redraw happened
     for a, b in zip(m1, m2):
         assert a["reward"] == pytest.approx(b["reward"], rel=1e-6)       # the same completions
         assert a["response_length"] == b["response_length"]

@@ -400,7 +400,7 @@ def check_rollout(policy, ref, opt, tok, records, step, a, device, autocast, bas
         return out
     gidx, recs = grpo.rollout_prompts(records, list(range(len(records))), step, a, rank, world)
     encs, s = phase("sampling", lambda: grpo.rollout(policy, tok, recs, gidx, a, autocast))
-    items = grpo.build_sequences(encs, s, adv=grpo.score(s.texts, recs, a)[3])
+    items = grpo.build_sequences(encs, s, adv=grpo.score(s, recs, a)[3])
     phase("reference", lambda: grpo.reference_logps(policy, ref, items, a, pad, autocast))
     phase("update", lambda: grpo.update(policy, opt, items, a, pad, world, device, autocast))
     return got, max(len(e["input_ids"]) for e in encs), int(s.lengths.max())
