@@ -1376,11 +1376,7 @@ def make_split(n, level, seed, families=None, split="train", image_size=IMAGE_SI
 
 CAPTION_PROMPT = "Describe the image."    # the demo captioner's instruction (sample.py --caption-prompt)
 REASON_TEMPLATE = "{caption} {question}"  # the demo reasoner's prompt (sample.py --reason-prompt)
-MAX_WORDS = 30  # the demo's limit on a reasoner trace (the paper: 500 words). Clean ones have 6-34
-# words; over 30: every running best over four bars and a few perimeters whose options are checked
-# to the fourth. As the paper's limit drops R1's longest work, SFT1 never sees these, and GRPO1
-# has to extend its reasoning to them from the model's own samples
-RAMBLE_WORDS = 50  # a rambling reasoner trace runs past this
+MAX_WORDS = 50  # the demo's limit on a reasoner trace (the paper: 500 words); clean ones have 6-35
 FAULTS = dict(reflect=0.25, ramble=0.1, wrong=0.1)  # R1's faults in the reasoner's training traces
 
 
@@ -1424,7 +1420,7 @@ def base_records(n, level, seed, image_size=IMAGE_SIZE):
 def r1_trace(solution, value, wrong_value, rng, faults=FAULTS):
     """The reasoner's training target: the problem's trace with R1's faults, drawn with rng.
     reflect: after the answer, 'Wait, let me check. <the work again>' (data.py traces cuts it);
-    ramble: the check over and over, past RAMBLE_WORDS (dropped); wrong: the reading, then
+    ramble: the check over and over, past MAX_WORDS (dropped); wrong: the reading, then
     a wrong value with no work ('so 7.'; dropped as wrong). value / wrong_value: the right answer
     as the summary states it and a wrong one; the final answer (a letter for multiple choice)
     follows the summary's value."""
@@ -1436,7 +1432,7 @@ def r1_trace(solution, value, wrong_value, rng, faults=FAULTS):
         return trace(f"{reading} so {wrong_value[0]}.", summary.replace(value, wrong_value[0]), answer)
     work = think.split(". ", 1)[1] if ". " in think else think
     if u < faults["wrong"] + faults["ramble"]:
-        limit = RAMBLE_WORDS + rng.randint(1, 20)
+        limit = MAX_WORDS + rng.randint(1, 20)
         while n_words(think) <= limit:
             think += f" Wait, let me check again. {work}"
     elif u < faults["wrong"] + faults["ramble"] + faults["reflect"]:

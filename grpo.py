@@ -653,9 +653,8 @@ def train(a, records, rank, world, device):
 #   reasoner  a tiny text-only qwen2 model: caption + question -> an R1-style trace, with R1's
 #             faults (reflections after the answer, rambling, wrong answers): DeepSeek-R1-Distill's
 #   SFT1      the base captions the pool's images, the reasoner solves each from its caption (k
-#             traces), data.py traces filters them (the first SFT set: its word limit drops the
-#             longest work, a running best over four bars), the base is fine-tuned on it
-#   GRPO1     on hard problems only (SFT1's pool mixes easy and hard), the four-bar ones included
+#             traces), data.py traces filters them (the first SFT set), the base is fine-tuned on it
+#   GRPO1     on hard problems only (SFT1's pool mixes easy and hard)
 #   SFT2      GRPO1 answers a pool k times, the shortest correct answers fine-tune the base again
 #   GRPO2     on hard problems again, the hardest set the world has
 

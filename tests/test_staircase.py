@@ -4,7 +4,6 @@ reasoner's R1-style data and its faults, the filters' counts on a known set, and
 staircase whose every stage loads and is reported.
 """
 
-import collections
 import json
 import os
 import random
@@ -86,20 +85,6 @@ def test_r1_faults_by_hand():
     assert data.r1_trace(mc, "15", ("8", "A"), rng, always("wrong")) == (
         "<think>w 3 h 5. so 8.</think> The area is 8. <answer>A</answer>")
     assert data.r1_trace(clean, "6", ("5", "5"), rng, dict(reflect=0, ramble=0, wrong=0)) == clean
-
-
-def test_word_limit_drops_the_longest_clean_work():
-    """Over MAX_WORDS, of the world's clean traces: every running best over four bars, and some
-    perimeters checked against four options; nothing else."""
-    over = collections.Counter()
-    probs = data.make_split(800, "mix", 1, image_size=28)
-    for p in probs:
-        if data.n_words(p["solution"]) > data.MAX_WORDS:
-            over[p["family"], p["kind"].split("=")[0], len(p["scene"].get("bars", []))] += 1
-    four_bar_best = sum(p["family"] == "bars" and len(p["scene"]["bars"]) == 4 and not p["kind"].startswith("value")
-                        for p in probs)
-    assert over[("bars", "tallest", 4)] + over[("bars", "shortest", 4)] == four_bar_best > 0
-    assert set(over) <= {("bars", "tallest", 4), ("bars", "shortest", 4), ("geometry", "perimeter", 0)}
 
 
 def test_reasoner_fault_rates_and_the_filters_counts():
