@@ -227,6 +227,36 @@ def test_shared_prompt_logps_and_gradients_equal_one_forward_per_row():
     assert ent.shape == (19,) and (ent > 0).all()
 
 
+def test_masked_rows_leave_the_update_alone():
+    """--overlong mask: a row whose keep is 0 adds nothing to the loss, the gradient or the
+    divisor: with every row masked the weights do not move, and with one masked the update is
+    that of the other rows alone."""
+    import argparse
+    import contextlib
+    import copy
+    tok, m = tiny_vl()
+    # small advantages: the gradient norm stays under GRAD_CLIP, so the divisor shows in the update
+    specs = [("How many?", "red", [5, 6, 7], 0.01), ("How many?", "red", [8, 9], -0.01), ("Which?", None, [10, 11, 12, 13], 0.005)]
+    a = argparse.Namespace(mu=1, prompts_per_step=1, micro_batch=2, loss_agg="token-mean", max_new_tokens=8,
+                           ratio="token", tis_cap=0.0, clip_low=0.2, clip_high=0.3, dual_clip=3.0, beta=0.0)
+
+    def step(chosen, keep):
+        model, items = copy.deepcopy(m), rows(tok, [sp[:3] for sp in chosen])
+        for it, sp, k in zip(items, chosen, keep):
+            it.update(adv=sp[3], keep=k, old=None, ref=None, sampled=torch.zeros(it["n_comp"]))
+        a.group_size = len(items)  # one optimizer step over every row, in micro-batches of 2
+        st = grpo.update(model, torch.optim.SGD(model.parameters(), lr=1.0), items, a, 0, 1, "cpu",
+                         contextlib.nullcontext())
+        return st, model.state_dict()
+
+    st, w = step(specs, [0.0, 0.0, 0.0])
+    assert st["loss"] == 0 and all(torch.equal(w[k], v) for k, v in m.state_dict().items())
+    (st, w_mask), (_, w_alone) = step(specs, [1.0, 0.0, 1.0]), step([specs[0], specs[2]], [1.0, 1.0])
+    assert 0 < st["grad_norm"] < grpo.GRAD_CLIP
+    assert all(torch.allclose(w_mask[k], w_alone[k], atol=1e-7) for k in w_alone)
+    assert any(not torch.equal(w_mask[k], v) for k, v in m.state_dict().items())
+
+
 def test_padding_does_not_change_logps():
     """The same completion scored alone and beside rows with longer prompts and completions."""
     tok, m = tiny_vl(layers=1)
