@@ -111,6 +111,36 @@ def test_greedy_matches_hf_generate(model, tok, prompts, stops, ckpt):
     assert len({tuple(completion(out, r)) for r in range(len(prompts))}) == len(prompts)  # not degenerate
 
 
+def test_compiled_step_matches_uncompiled(model, prompts, stops, monkeypatch):
+    """generate(compile=True) samples what the uncompiled step samples (temperature 1, top-p:
+    the sampling branch, with its graph break on a CPU). The step is traced by dynamo with
+    symbolic sizes, as decode_step does, but run by the aot_eager backend: its graph and its
+    in-place cache writes are what is tested here (~20 s of tracing); inductor's code generation
+    is tested on CUDA, greedy (test_cuda_compiled_step_matches_uncompiled)."""
+    torch._dynamo.reset()
+    step = torch.compile(sample.decode_and_choose, backend="aot_eager", dynamic=True)
+    monkeypatch.setattr(sample, "_compiled", {"cpu": step})
+    kw = dict(n=2, max_new_tokens=12, temperature=1.0, top_p=0.9, seed=1, stop_ids=stops)
+    ref = sample.generate(model, prompts[:2], **kw)
+    got = sample.generate(model, prompts[:2], compile=True, **kw)
+    assert torch.equal(got.tokens, ref.tokens) and torch.equal(got.lengths, ref.lengths)
+    assert torch.allclose(got.logprobs, ref.logprobs, atol=1e-5)
+    assert len({tuple(r) for r in got.tokens.tolist()}) == 4  # the rows differ: not degenerate
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_compiled_step_matches_uncompiled(ckpt, prompts, stops):
+    """On CUDA the step compiled by inductor, replayed as CUDA graphs, greedy, in float32:
+    the tokens of the uncompiled step."""
+    model = M.load_model(ckpt, device="cuda").eval()
+    kw = dict(n=2, max_new_tokens=24, temperature=0.0, stop_ids=stops)
+    ref = sample.generate(model, prompts, **kw)
+    for _ in range(2):  # the second call replays what the first recorded
+        got = sample.generate(model, prompts, compile=True, **kw)
+        assert torch.equal(got.tokens, ref.tokens) and torch.equal(got.lengths, ref.lengths)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, TOL), (torch.float32, 5e-5)])
 def test_decode_logits_match_full_forward(model, prompts, dtype, tol):
     """Every step's logits (prefill and cached decode, n=2 samples per prompt diverging at

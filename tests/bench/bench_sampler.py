@@ -1,39 +1,31 @@
-"""Benchmark: sample.generate (greedy) against transformers' generate() with the same weights.
+"""Benchmark: sample.generate (greedy), uncompiled and compiled, against transformers' generate()
+with the same weights.
 
-    python tests/bench/bench_sampler.py                       # CPU, small model, batch 16
-    python tests/bench/bench_sampler.py --device cuda --config 3b   # Qwen2.5-VL-3B shape, batch 1 and 64
+    python tests/bench/bench_sampler.py --config demo              # CPU: the demo's model, GRPO's 16 x 8 rows
+    python tests/bench/bench_sampler.py                            # CPU, small model, batch 16
+    python tests/bench/bench_sampler.py --device cuda --config 3b  # Qwen2.5-VL-3B shape, batch 1 and 64
 
-A random-weight model (model.Config + model.Qwen2_5_VL(...).init_weights()) is saved with
-model.save_model to a temp dir and loaded by both sides: ours with model.load_model, transformers'
-with Qwen2_5_VLForConditionalGeneration.from_pretrained. Each prompt is text + one 224x224
-random-noise image (64 image tokens) + text, of different lengths (so left padding is exercised).
-Both sides decode exactly --new-tokens tokens per row: ours with stop_ids=[] and the EOS banned,
-transformers with min_new_tokens = max_new_tokens (which bans the EOS the same way), the vision
-tokens banned on both sides. Runs alternate (HF, ours, HF, ours, ...) after one warm-up each;
-the medians are reported.
+A random-weight model is saved to a temp dir (or --model is used) and loaded by both sides: ours
+with model.load_model, transformers' with Qwen2_5_VLForConditionalGeneration.from_pretrained.
+demo: the demo's sizes (sft.DEMO_TINY, the tiny tokenizer) and prompts as GRPO encodes them
+(synthetic problems, one 112x112 scene each), P prompts x G samples (default 16 x 8, 64 new
+tokens: a GRPO rollout); HF gets each prompt G times in its batch. small, 3b: each prompt is
+text + one 224x224 random-noise image (64 image tokens) + text, of different lengths (left
+padding is exercised), G = 1. Both sides decode exactly --new-tokens tokens per row: ours with
+stop_ids=[] and the EOS banned, transformers with min_new_tokens = max_new_tokens (which bans the
+EOS the same way), the vision tokens banned on both sides. Runs alternate (HF, ours, ours
+compiled, ...) after one warm-up each; the medians are reported. The compiled side's first call
+compiles the decode step (once per process): its wall time is printed, compile included.
 
-Printed per batch size: tokens/s of each (rows * new tokens / wall time of the whole call, vision
-and prefill included), the ratio, ms per decode step of ours (the generate time minus its
-prefill, per step; and one cached decode-step forward timed directly) against one full-sequence
-forward of the same batch (no cache), and the share of the memory-bandwidth roofline: LM weight
-bytes * decode steps/s / the bandwidth of a large copy on the device (on the CPU, with the same
-threads). A decode step at batch 16 must read every LM weight once, so weight bytes / bandwidth is
-a floor on its time whatever the code does; HF's step over that floor bounds any speedup. On a
-CPU in float32 the products, not the bytes, bind: the LM's matmuls timed alone give the other
-floor, and HF's step over it is the most a sampler using the same BLAS can gain.
+Printed per batch: tokens/s of each (rows * new tokens / wall time of the whole call, vision and
+prefill included), the ratio, ms per decode step, one decode step's forward timed alone, the
+step's matrix products alone (every linear layer of the LM and the LM head applied once to the
+batch: on a CPU the floor of a step whatever the code does), and the share of the memory-
+bandwidth roofline (LM weight bytes * decode steps/s / the bandwidth of a large copy: at batch 1
+on a GPU the floor that counts).
 
-Then, from one more run of each with hooks on the model's forward: the decode-step forward's
-share of each side's step. HF's ms/step divided by our forward is the speedup we would get if our
-steps were nothing but the forward (the ceiling for this approach at these shapes).
-
-The small config (the CPU default): LM hidden 256, intermediate 1024 (4x, Qwen2.5 uses ~5.4x),
-4 layers, 4 query / 2 KV heads of 64 (GQA as in Qwen), vocab 32768 tied (as the 3B ties), M-RoPE
-sections [8, 12, 12]; vision 4 blocks of 128 (2x intermediate, 4 heads), full attention in the
-last block, the rest window attention. At these shapes the tied LM head (32768 x 256) is about
-half of a decode step's compute.
-
-The last line is `speedup_vs_hf_generate X`: ours / HF tokens/s (with several batch sizes, the
-smallest of them).
+The last lines are `speedup_vs_hf_generate X` and `compiled_speedup_vs_hf_generate X`: ours /
+HF tokens/s (with several batch sizes, the smallest of them).
 """
 
 import argparse
@@ -177,27 +169,6 @@ def full_forward_ms(model, batch, dev, reps=3):
     return 1e3 * statistics.median(times)
 
 
-def forward_ms_in(model, dev, fn):
-    """Run fn() with hooks that time each call of model's forward; the median over the calls
-    after the first (the prefill) = a decode step's forward inside that generate, in ms."""
-    times, t0 = [], []
-
-    def pre(mod, args):
-        sync(dev)
-        t0.append(time.perf_counter())
-
-    def post(mod, args, out):
-        sync(dev)
-        times.append(time.perf_counter() - t0.pop())
-    handles = [model.register_forward_pre_hook(pre), model.register_forward_hook(post)]
-    try:
-        fn()
-    finally:
-        for h in handles:
-            h.remove()
-    return 1e3 * statistics.median(times[1:])
-
-
 def matmul_floor_ms(model, B, dev, reps=20):
     """ms of the decode step's matrix products alone: every linear layer of the language model
     (and the LM head) applied once to B rows, timed back to back with the same BLAS both sides
@@ -263,8 +234,6 @@ def bench_batch(ours, hf, cfg, prompts, args, dev):
              ours_step_ms=1e3 * (r["ours_s"] - prefill_ms / 1e3) / max(N - 1, 1))
     if args.compile:
         r["comp_step_ms"] = 1e3 * (r["comp_s"] - prefill_ms / 1e3) / max(N - 1, 1)
-    # one more run of each with the forward calls timed: how much of a step is the model itself
-    r["hf_fwd_in"] = forward_ms_in(hf, dev, run_hf)
     r["full_ms"] = full_forward_ms(ours, batch, dev)
     decode_steps_per_s = (N - 1) / max(r["ours_s"] - prefill_ms / 1e3, 1e-9)
     r["roofline"] = args.weight_bytes * decode_steps_per_s / args.bandwidth
