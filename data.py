@@ -1377,7 +1377,10 @@ def make_split(n, level, seed, families=None, split="train", image_size=IMAGE_SI
 CAPTION_PROMPT = "Describe the image."    # the demo captioner's instruction (sample.py --caption-prompt)
 REASON_TEMPLATE = "{caption} {question}"  # the demo reasoner's prompt (sample.py --reason-prompt)
 MAX_WORDS = 50  # the demo's limit on a reasoner trace (the paper: 500 words); clean ones have 6-35
-FAULTS = dict(reflect=0.25, ramble=0.1, wrong=0.1)  # R1's faults in the reasoner's training traces
+# R1's habits in the reasoner's training traces: three faults, and `option`: a multiple-choice
+# question answered with the option's value, not its letter, and no option checked (the scorer
+# takes either, as MathVista's does; what the option check costs a tiny model is GRPO's to find)
+FAULTS = dict(reflect=0.25, ramble=0.1, wrong=0.1, option=0.2)
 
 
 def caption_text(family, scene):
@@ -1425,6 +1428,8 @@ def r1_trace(solution, value, wrong_value, rng, faults=FAULTS):
     as the summary states it and a wrong one; the final answer (a letter for multiple choice)
     follows the summary's value."""
     think, summary, answer = split_trace(solution)
+    if answer != value and rng.random() < faults.get("option", 0):  # multiple choice: the work, then the value
+        think, answer = think.split(" A ", 1)[0], value
     u = rng.random()
     if u < faults["wrong"]:
         reading = think.split(". ", 1)[0].rstrip(".") + "."

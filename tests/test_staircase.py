@@ -11,6 +11,7 @@ import random
 import pytest
 
 import data
+import reward
 import grpo
 import sample
 import sft
@@ -72,7 +73,7 @@ def test_reasoner_prompt_is_the_one_sample_py_builds(tmp_path):
 
 def test_r1_faults_by_hand():
     clean = "<think>the blue column: 3 1 2. 3+1=4 4+2=6.</think> The sum is 6. <answer>6</answer>"
-    always = lambda k: {**dict(reflect=0, ramble=0, wrong=0), k: 1.0}
+    always = lambda k: {**dict(reflect=0, ramble=0, wrong=0, option=0), k: 1.0}
     rng = random.Random(0)
     assert data.r1_trace(clean, "6", ("7", "7"), rng, always("reflect")) == (
         "<think>the blue column: 3 1 2. 3+1=4 4+2=6. Wait, let me check. 3+1=4 4+2=6.</think> The sum is 6. "
@@ -84,6 +85,10 @@ def test_r1_faults_by_hand():
     mc = "<think>w 3 h 5. 3*5=15. A 8 vs 15 no. B 15 vs 15 yes.</think> The area is 15. <answer>B</answer>"
     assert data.r1_trace(mc, "15", ("8", "A"), rng, always("wrong")) == (
         "<think>w 3 h 5. so 8.</think> The area is 8. <answer>A</answer>")
+    # option: the work, no option checked, the value for the letter (the scorer takes either)
+    assert data.r1_trace(mc, "15", ("8", "A"), rng, always("option")) == (
+        "<think>w 3 h 5. 3*5=15.</think> The area is 15. <answer>15</answer>")
+    assert data.r1_trace(clean, "6", ("5", "5"), rng, always("option")) == clean  # not multiple choice
     assert data.r1_trace(clean, "6", ("5", "5"), rng, dict(reflect=0, ramble=0, wrong=0)) == clean
 
 
@@ -94,14 +99,20 @@ def test_reasoner_fault_rates_and_the_filters_counts():
     probs = data.make_split(1000, "mix", 1, split="reason", image_size=28)
     recs = [dict(r, meta=dict(r["meta"], traces=[dict(text=r["solution"], finished=True)])) for r in rows]
     kept, c = data.traces_to_sft(recs, max_words=data.MAX_WORDS)
-    wrong = sum(data.split_trace(r["solution"])[2] != r["answer"] for r in rows)
+    final = lambda r: data.split_trace(r["solution"])[2]
+    by_value = [r for r in rows if r.get("choices") and final(r) in r["choices"]]  # the option habit, ~20%
+    assert 10 <= len(by_value) <= 45 and all(reward.accuracy_reward(r["solution"], r["answer"], r["choices"])
+                                            for r in by_value if "so " not in r["solution"])
+    wrong = sum(not reward.accuracy_reward(r["solution"], r["answer"], r.get("choices")) for r in rows)
     assert c["wrong"] == wrong and 60 <= wrong <= 140                      # ~10%
     rambles = sum(r["solution"].count("check again") > 0 for r in rows)
     assert 60 <= rambles <= 140 and c["too_long"] >= rambles               # ~10%, plus long reflections
     assert 150 <= c["cut"] <= 300                                           # ~25% reflect, minus the long ones
     assert c["kept"] == len(kept) == 1000 - c["wrong"] - c["too_long"]
     clean = {p["id"]: p["solution"] for p in probs}
-    assert all(k["solution"] == clean[k["id"]] for k in kept)             # every kept trace is the clean one
+    habit = {r["id"] for r in by_value}
+    assert all(k["solution"] == clean[k["id"]] for k in kept if k["id"] not in habit)  # the clean trace
+    assert any(k["id"] in habit for k in kept)
 
 
 def fake_sampler(real):
