@@ -11,8 +11,8 @@ import random
 import pytest
 
 import data
-import reward
 import grpo
+import reward
 import sample
 import sft
 
