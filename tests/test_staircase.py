@@ -11,8 +11,8 @@ import random
 import pytest
 
 import data
-import reward
 import grpo
+import reward
 import sample
 import sft
 
@@ -100,7 +100,8 @@ def test_reasoner_fault_rates_and_the_filters_counts():
     recs = [dict(r, meta=dict(r["meta"], traces=[dict(text=r["solution"], finished=True)])) for r in rows]
     kept, c = data.traces_to_sft(recs, max_words=data.MAX_WORDS)
     final = lambda r: data.split_trace(r["solution"])[2]
-    by_value = [r for r in rows if r.get("choices") and final(r) in r["choices"]]  # the option habit, ~20%
+    # the option habit: 20% of the ~125 multiple-choice rows answer with the value
+    by_value = [r for r in rows if r.get("choices") and final(r) in r["choices"]]
     assert 10 <= len(by_value) <= 45 and all(reward.accuracy_reward(r["solution"], r["answer"], r["choices"])
                                             for r in by_value if "so " not in r["solution"])
     wrong = sum(not reward.accuracy_reward(r["solution"], r["answer"], r.get("choices")) for r in rows)
