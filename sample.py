@@ -281,7 +281,9 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     T = ids.shape[1]
     with gathered(model):
         pos, next_pos = model.rope_index(ids, grid, am)
-        cache = model.new_cache(P, T + max_new_tokens, device=dev)
+        # the cache: whole blocks, and one slot more, so that a step never reads it all (a slice to
+        # the full length is another graph to torch.compile: a second compile mid-run)
+        cache = model.new_cache(P, -(-(T + max_new_tokens) // SLOT_BLOCK) * SLOT_BLOCK + 1, device=dev)
         logits = model(ids, am, pv, grid, position_ids=pos, cache=cache, logits="last")[:, -1]
         # each prompt's cache and last logits copied into its n rows
         rows = torch.arange(P, device=dev).repeat_interleave(n)
@@ -312,7 +314,7 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
         for i in range(max_new_tokens):
             if i > 0:  # feed the last token at each row's own position (finished rows too: their
                 # output is dropped, and a row attends to its own cache only), choose the next
-                n_slots = min(cache.max_len, -(-(T + i) // SLOT_BLOCK) * SLOT_BLOCK)
+                n_slots = -(-(T + i) // SLOT_BLOCK) * SLOT_BLOCK
                 tok, lp = step(model, tok, next_pos + i - 1, slots[i - 1:i], n_slots, cache, u(i), ban,
                                temperature, top_k, top_p)
             tok = tok.masked_fill(done, pad_id)          # finished rows stay frozen

@@ -126,6 +126,13 @@ def test_compiled_step_matches_uncompiled(model, prompts, stops, monkeypatch):
     assert torch.equal(got.tokens, ref.tokens) and torch.equal(got.lengths, ref.lengths)
     assert torch.allclose(got.logprobs, ref.logprobs, atol=1e-5)
     assert len({tuple(r) for r in got.tokens.tolist()}) == 4  # the rows differ: not degenerate
+    # a budget whose rows cross into the next block of slots and read the cache's last one: the
+    # graph traced above serves it (a slice to the cache's full length would be a second graph)
+    T = max(len(p["input_ids"]) for p in prompts[:2])
+    kw.update(max_new_tokens=-T % sample.SLOT_BLOCK + 5, stop_ids=[])
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = sample.generate(model, prompts[:2], compile=True, **kw)
+    assert torch.equal(got.tokens, sample.generate(model, prompts[:2], **kw).tokens)
 
 
 @pytest.mark.cuda
