@@ -126,7 +126,7 @@ def format_summary(summary):
 @torch.no_grad()
 def evaluate(model, tokenizer, records, batch_size=32, max_new_tokens=256, temperature=0.0,
              suffix="", max_pixels=512 * 512, min_pixels=data.MIN_PIXELS, rank=0, world_size=1,
-             progress=True, sink=None):
+             progress=True, sink=None, compile=False):
     """Greedy completions for every record, scored. Under torchrun each rank takes every
     world_size-th record; every rank runs the same number of generate calls (an FSDP model
     gathers its weights collectively in each), and each call's results are gathered on every
@@ -148,7 +148,7 @@ def evaluate(model, tokenizer, records, batch_size=32, max_new_tokens=256, tempe
                                    records[i]["images"], min_pixels=min_pixels, max_pixels=max_pixels)
                 for i in todo]
         s = sample.generate(model, encs, n=1, max_new_tokens=max_new_tokens, temperature=temperature,
-                            keys=todo, tokenizer=tokenizer, pad_id=pad_id)
+                            keys=todo, tokenizer=tokenizer, pad_id=pad_id, compile=compile)
         new = [(i, score(records[i], s.texts[j])) for j, i in enumerate(idx)]
         if world_size > 1:
             parts = [None] * world_size
@@ -201,6 +201,7 @@ def parser():
     p.add_argument("--batch-size", type=data.at_least(1), default=32, help="prompts per generation call, per process")
     p.add_argument("--max-new-tokens", type=data.at_least(1), default=256, help="completion budget, tokens")
     p.add_argument("--temperature", type=data.at_least(0.0, float), default=0.0, help="0 = greedy")
+    p.add_argument("--compile", action="store_true", help=sample.COMPILE_HELP)
     p.add_argument("--suffix", default="", help="text after each question: '' (default, the synthetic "
                                                  "world), 'r1' (the paper's prompt) or a literal string")
     p.add_argument("--max-pixels", type=data.at_least(data.MIN_PIXELS), default=512 * 512, help="image resize cap, pixels")
@@ -267,7 +268,7 @@ def generate_and_score(a, records):
             f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
             f.flush()
     new, _ = evaluate(model, tok, todo, a.batch_size, a.max_new_tokens, a.temperature, a.suffix, a.max_pixels,
-                      rank=rank, world_size=world, sink=append) if todo else ([], None)
+                      rank=rank, world_size=world, sink=append, compile=a.compile) if todo else ([], None)
     if f is not None:
         f.close()
     print0(f"evaluated {len(todo)} items in {time.time() - t0:.1f}s")

@@ -256,7 +256,7 @@ def rollout(policy, tok, recs, gidx, a, autocast):
             for r in recs]
     per_call = max(1, a.rollout_batch // a.group_size)
     kw = dict(n=a.group_size, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
-              seed=a.seed, tokenizer=tok, pad_id=pad_of(tok), max_prompt_len=a.max_prompt_len)
+              seed=a.seed, tokenizer=tok, pad_id=pad_of(tok), max_prompt_len=a.max_prompt_len, compile=a.compile)
     with autocast:
         parts = [sample.generate(policy, encs[i:i + per_call], keys=gidx[i:i + per_call], **kw)
                  for i in range(0, len(encs), per_call)]
@@ -440,9 +440,9 @@ def rollout_metrics(step, a, s, scores, stats, recs, times, device, t_start, dra
     return row
 
 
-def test_metrics(policy, tok, test, step, rank, world):
+def test_metrics(policy, tok, test, step, rank, world, compile=False):
     """Greedy accuracy on the held-out synthetic test, overall and per family."""
-    _, summary = E.evaluate(policy, tok, test, rank=rank, world_size=world, progress=False)
+    _, summary = E.evaluate(policy, tok, test, rank=rank, world_size=world, progress=False, compile=compile)
     E.print0(f"step {step + 1}: test accuracy {summary['accuracy']:.3f}")
     return dict(test_accuracy=summary["accuracy"],
                 **{f"test_{k}": v[0] for k, v in summary["by"].get("family", {}).items()})
@@ -469,6 +469,7 @@ def get_args(argv=None):
     # sampling
     p.add_argument("--group-size", type=n1, default=8, help="G: completions per prompt")
     p.add_argument("--temperature", type=nonneg, default=1.0, help="rollout temperature")
+    p.add_argument("--compile", action="store_true", help=sample.COMPILE_HELP)
     p.add_argument("--top-p", type=sample.top_p, default=1.0, help="rollout nucleus mass")
     p.add_argument("--max-new-tokens", type=n1, default=192, help="completion budget, tokens")
     p.add_argument("--rollout-batch", type=n1, default=None, help="rows (prompts x G) per generate call, per rank "
@@ -634,7 +635,7 @@ def train(a, records, rank, world, device):
         times["update"] = time.time() - t0
         row = rollout_metrics(step, a, s, scores, stats, recs, times, device, t_start, draws)  # 5. metrics
         if test is not None and ((step + 1) % a.eval_every == 0 or step + 1 == a.steps):
-            row.update(test_metrics(policy, tok, test, step, rank, world))
+            row.update(test_metrics(policy, tok, test, step, rank, world, a.compile))
         log.log(**row)
         if (step + 1) % a.save_every == 0 or step + 1 == a.steps:
             path = sft.checkpoint_dir(a.out, step + 1)

@@ -391,11 +391,17 @@ class KVCache:
     def max_len(self):
         return self.shape[2]
 
-    def write(self, layer, k, v):
-        """Store k, v (B, H_kv, T, D) at slots [len, len + T); return all slots so far."""
+    def write(self, layer, k, v, slot=None):
+        """Store k, v (B, H_kv, T, D) at slots [len, len + T); return all slots so far. With slot
+        (a (1,) long tensor, T = 1): store at that slot and return every slot, written or not (a
+        decode step's shapes then never change; the valid mask hides the slots not written)."""
         if self.k[layer] is None:
             self.k[layer] = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
             self.v[layer] = torch.zeros(self.shape, dtype=v.dtype, device=v.device)
+        if slot is not None:
+            self.k[layer][:, :, slot] = k  # index_put_: compiled, it writes the slot in place
+            self.v[layer][:, :, slot] = v
+            return self.k[layer], self.v[layer]
         s, T = self.len, k.shape[2]
         self.k[layer][:, :, s:s + T] = k
         self.v[layer][:, :, s:s + T] = v
@@ -430,7 +436,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, slot=None):
         B, T, C = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)     # (B, H, T, D)
@@ -438,13 +444,15 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # write this step's K/V in place, attend over all slots so far
-            k, v = cache.write(layer, k, v)
+            k, v = cache.write(layer, k, v, slot)
         # GQA: the G = H / Hkv query heads sharing one K/V head are folded into the query length,
         # (B, H, T, D) -> (B, Hkv, G*T, D), so K/V are used as they are, never repeated
         G = H // Hkv
         q = q.reshape(B, Hkv, G * T, D)
         if G > 1 and T > 1:  # a decode step's (B, 1, 1, S) mask broadcasts over the G rows as it is
             mask = mask.expand(B, G, T, mask.shape[-1]).reshape(B, 1, G * T, -1)
+        if slot is not None:  # a decode step reads the slots its mask covers
+            k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, Hkv, G*T, D)
         return self.o_proj(y.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D))
 
@@ -457,8 +465,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, slot=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, slot)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -616,6 +624,23 @@ class Qwen2_5_VL(nn.Module):
         if logits == "last":
             h = h[:, -1:]
         return self.lm_head(h) if logits else h
+
+    def decode(self, tok, pos, slot, cache, n_slots=None):
+        """One decode step: tok (B,) long, each row's new token; pos (B,) long, its position (a
+        text token's t, h and w positions are equal); slot (1,) long, the cache slot every row
+        writes. Attention reads the first n_slots slots of the cache (default: all), the ones
+        not written hidden by its valid mask, so the shapes stay the same from step to step.
+        -> logits (B, vocab)"""
+        B = tok.shape[0]
+        x = self.model.embed_tokens(tok)[:, None]                                 # (B, 1, C)
+        cos, sin = self.model.rope(pos.view(1, B, 1).expand(3, B, 1), x.dtype)   # (B, 1, 1, D)
+        cache.valid[:, slot] = True
+        valid = cache.valid[:, :n_slots or cache.max_len]
+        # one additive mask for every layer: 0 where a slot holds a token of the row, -inf elsewhere
+        mask = torch.zeros(valid.shape, dtype=x.dtype, device=x.device).masked_fill_(~valid, float("-inf"))
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask[:, None, None], cache, i, slot)            # mask (B, 1, 1, S)
+        return self.lm_head(self.model.norm(x))[:, 0]
 
     def new_cache(self, batch_size, max_len, device=None):
         return KVCache(self.config, batch_size, max_len, device or self.model.embed_tokens.weight.device)

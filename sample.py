@@ -52,9 +52,10 @@ def _mix32(x):
 
 
 def row_uniform(seed, keys, samples, step):
-    """One uniform in (0, 1) per row, a pure function of (seed, key, sample index, step)."""
+    """One uniform in (0, 1) per row, a pure function of (seed, key, sample index, step). The
+    arguments broadcast: keys, samples (R, 1) and steps (N,) give every step's at once, (R, N)."""
     h = _mix32(torch.full_like(keys, seed & 0xFFFFFFFF) ^ 0x9E3779B9)
-    for v in (keys, samples, torch.full_like(keys, step)):
+    for v in (keys, samples, torch.as_tensor(step, device=keys.device)):
         h = _mix32(h ^ (v & 0xFFFFFFFF))
     return (h.double() + 0.5) / 2.0 ** 32
 
@@ -232,9 +233,38 @@ def check_request(prompts, n, temperature, top_p, top_k, keys, budget):
         raise ValueError(f"keys has {len(keys)} entries for {len(prompts)} prompts (one key per prompt)")
 
 
+def decode_and_choose(model, tok, pos, slot, n_slots, cache, u, ban, temperature, top_k, top_p):
+    """One decode step (model.decode: a token per row, at shapes that change only with
+    n_slots), then the next token of each row from its logits -> (tokens (R,), log-probs (R,))."""
+    logits = model.decode(tok, pos, slot, cache, n_slots)
+    return choose(logits, temperature, top_k, top_p, u, ban)
+
+
+# a decode step attends over the cache's slots up to the next multiple of SLOT_BLOCK past the
+# last one written, not over the whole budget: its shapes change every SLOT_BLOCK steps only, and
+# a call whose rows stop early (GRPO: ~40 of 192 tokens) does not pay for the slots never written
+# (the demo's GRPO step on a CPU: 17 ms over all 73 + 192 slots, 12.5 ms over 128)
+SLOT_BLOCK = 64
+_compiled = {}  # decode_and_choose compiled, once per process and device (a compile takes tens of seconds)
+
+
+def decode_step(compile, device):
+    """decode_and_choose, or that step compiled: torch.compile fuses its dozens of small kernels
+    per layer, and on CUDA replays the step as one CUDA graph ("reduce-overhead"). The model is
+    an argument, so a later model (GRPO's policy, another checkpoint) reuses the compiled code;
+    the sizes are symbolic (dynamic), so a new batch or cache size does not compile again."""
+    if not compile:
+        return decode_and_choose
+    if device.type not in _compiled:
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        _compiled[device.type] = torch.compile(decode_and_choose, mode=mode, dynamic=True)
+    return _compiled[device.type]
+
+
 @torch.no_grad()  # a sampler never backpropagates: no graph over the decode steps (GRPO's policy has grads on)
 def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0, seed=0,
-             stop_ids=None, ban_ids=None, keys=None, tokenizer=None, pad_id=0, max_prompt_len=None):
+             stop_ids=None, ban_ids=None, keys=None, tokenizer=None, pad_id=0, max_prompt_len=None,
+             compile=False):
     """Sample n completions for each prompt. prompts: list of dicts with input_ids (T,) and
     optionally pixel_values, image_grid_thw (as data.encode_prompt makes them).
     keys: one int per prompt naming it for the sampler's hash (default: its index in the list);
@@ -251,12 +281,17 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     T = ids.shape[1]
     with gathered(model):
         pos, next_pos = model.rope_index(ids, grid, am)
-        cache = model.new_cache(P, T + max_new_tokens, device=dev)
+        # the cache: whole blocks, and one slot more, so that a step never reads it all (a slice to
+        # the full length is another graph to torch.compile: a second compile mid-run)
+        cache = model.new_cache(P, -(-(T + max_new_tokens) // SLOT_BLOCK) * SLOT_BLOCK + 1, device=dev)
         logits = model(ids, am, pv, grid, position_ids=pos, cache=cache, logits="last")[:, -1]
         # each prompt's cache and last logits copied into its n rows
         rows = torch.arange(P, device=dev).repeat_interleave(n)
         if n > 1:
             cache, logits, next_pos = cache.select_rows(rows), logits[rows], next_pos[rows]
+        if compile and dev.type == "cuda":  # a CUDA graph writes in place only at fixed addresses
+            for t in cache.k + cache.v + [cache.valid]:
+                torch._dynamo.mark_static_address(t)
         keys = torch.as_tensor(keys if keys is not None else range(P), dtype=torch.long, device=dev)[rows]
         samples = torch.arange(n, device=dev).repeat(P)
 
@@ -266,22 +301,28 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
         done = torch.zeros(R, dtype=torch.bool, device=dev)
         stop = torch.tensor(stop_ids, dtype=torch.long, device=dev)
         ban = ban_bias(ban_ids, logits.shape[-1], dev)
+        # every step's uniforms and cache slot made up front: step i writes slot T + i of each row
+        idx = torch.arange(max_new_tokens, device=dev)
+        us = row_uniform(seed, keys[:, None], samples[:, None], idx) if temperature > 0 else None  # (R, N)
+        u = lambda i: us[:, i] if us is not None else None  # noqa: E731
+        slots = T + idx
+        step = decode_step(compile, dev)
         # "all rows done?" makes the host wait for the device: on an accelerator ask only every 8
         # steps (a few wasted steps at the end cost less than draining the queue at every step)
         check_every = 1 if dev.type == "cpu" else 8
+        tok, lp = choose(logits, temperature, top_k, top_p, u(0), ban)
         for i in range(max_new_tokens):
-            u = row_uniform(seed, keys, samples, i) if temperature > 0 else None
-            tok, lp = choose(logits, temperature, top_k, top_p, u, ban)
+            if i > 0:  # feed the last token at each row's own position (finished rows too: their
+                # output is dropped, and a row attends to its own cache only), choose the next
+                n_slots = -(-(T + i) // SLOT_BLOCK) * SLOT_BLOCK
+                tok, lp = step(model, tok, next_pos + i - 1, slots[i - 1:i], n_slots, cache, u(i), ban,
+                               temperature, top_k, top_p)
             tok = tok.masked_fill(done, pad_id)          # finished rows stay frozen
             tokens[:, i], logps[:, i] = tok, lp.masked_fill(done, 0.0)
             lengths += (~done).long()
             done |= torch.isin(tok, stop)
             if i == max_new_tokens - 1 or (i % check_every == check_every - 1 and bool(done.all())):
                 break
-            # feed the new token at each row's own position; finished rows are masked out
-            p = (next_pos + i).view(1, R, 1).expand(3, R, 1)
-            logits = model(tok[:, None], (~done).long()[:, None], position_ids=p, cache=cache,
-                           logits="last")[:, -1]
 
     steps = int(lengths.max())
     tokens, logps = tokens[:, :steps], logps[:, :steps]
@@ -333,6 +374,10 @@ def top_p(text):
     return value
 
 
+COMPILE_HELP = ("compile the decode step once per process (torch.compile; on CUDA with CUDA graphs). "
+                "Off by default: on a 2-core CPU the compile (20-80 s) costs more than it saves in the demo's runs")
+
+
 def sampling_args(p):
     d = "default per --task: " + "; ".join(f"{t} {{}}" for t in TASK_DEFAULTS)
     per_task = lambda k: d.format(*(TASK_DEFAULTS[t][k] for t in TASK_DEFAULTS))
@@ -345,6 +390,7 @@ def sampling_args(p):
                    help="completion budget, tokens (" + per_task("max_new_tokens") + ")")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--max-pixels", type=data.at_least(data.MIN_PIXELS), default=512 * 512, help="image resize cap, pixels")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 
 
 def main(argv=None):
@@ -397,7 +443,7 @@ def sample_main(argv=None):
     model = data.open_model(a.model, dtype=dtype, device=a.device).eval()
     tok = data.load_tokenizer(a.model)
     kw = dict(n=a.n, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
-              top_k=a.top_k, seed=a.seed, tokenizer=tok, pad_id=tok.pad_token_id or 0)
+              top_k=a.top_k, seed=a.seed, tokenizer=tok, pad_id=tok.pad_token_id or 0, compile=a.compile)
     px = dict(max_pixels=a.max_pixels)
     budget = model.config.max_position_embeddings - a.max_new_tokens  # generate's default
     rows = lambda length: load_rows(a.data, a.skip_bad, length, budget)

@@ -111,6 +111,43 @@ def test_greedy_matches_hf_generate(model, tok, prompts, stops, ckpt):
     assert len({tuple(completion(out, r)) for r in range(len(prompts))}) == len(prompts)  # not degenerate
 
 
+def test_compiled_step_matches_uncompiled(model, prompts, stops, monkeypatch):
+    """generate(compile=True) samples what the uncompiled step samples (temperature 1, top-p:
+    the sampling branch, with its graph break on a CPU). The step is traced by dynamo with
+    symbolic sizes, as decode_step does, but run by the aot_eager backend: its graph and its
+    in-place cache writes are what is tested here (~20 s of tracing); inductor's code generation
+    is tested on CUDA, greedy (test_cuda_compiled_step_matches_uncompiled)."""
+    torch._dynamo.reset()
+    step = torch.compile(sample.decode_and_choose, backend="aot_eager", dynamic=True)
+    monkeypatch.setattr(sample, "_compiled", {"cpu": step})
+    kw = dict(n=2, max_new_tokens=12, temperature=1.0, top_p=0.9, seed=1, stop_ids=stops)
+    ref = sample.generate(model, prompts[:2], **kw)
+    got = sample.generate(model, prompts[:2], compile=True, **kw)
+    assert torch.equal(got.tokens, ref.tokens) and torch.equal(got.lengths, ref.lengths)
+    assert torch.allclose(got.logprobs, ref.logprobs, atol=1e-5)
+    assert len({tuple(r) for r in got.tokens.tolist()}) == 4  # the rows differ: not degenerate
+    # a budget whose rows cross into the next block of slots and read the cache's last one: the
+    # graph traced above serves it (a slice to the cache's full length would be a second graph)
+    T = max(len(p["input_ids"]) for p in prompts[:2])
+    kw.update(max_new_tokens=-T % sample.SLOT_BLOCK + 5, stop_ids=[])
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = sample.generate(model, prompts[:2], compile=True, **kw)
+    assert torch.equal(got.tokens, sample.generate(model, prompts[:2], **kw).tokens)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_compiled_step_matches_uncompiled(ckpt, prompts, stops):
+    """On CUDA the step compiled by inductor, replayed as CUDA graphs, greedy, in float32:
+    the tokens of the uncompiled step."""
+    model = M.load_model(ckpt, device="cuda").eval()
+    kw = dict(n=2, max_new_tokens=24, temperature=0.0, stop_ids=stops)
+    ref = sample.generate(model, prompts, **kw)
+    for _ in range(2):  # the second call replays what the first recorded
+        got = sample.generate(model, prompts, compile=True, **kw)
+        assert torch.equal(got.tokens, ref.tokens) and torch.equal(got.lengths, ref.lengths)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, TOL), (torch.float32, 5e-5)])
 def test_decode_logits_match_full_forward(model, prompts, dtype, tol):
     """Every step's logits (prefill and cached decode, n=2 samples per prompt diverging at
@@ -120,7 +157,8 @@ def test_decode_logits_match_full_forward(model, prompts, dtype, tol):
     right-padded to 195) already differs from the full forward by ~1e-5 of max |logit|."""
     model = copy.deepcopy(model).to(dtype)
     n, steps = 2, []
-    handle = model.register_forward_hook(lambda mod, args, out: steps.append(out[:, -1].clone()))
+    # the LM head's output, (B, 1, vocab) in the prefill and in every decode step
+    handle = model.lm_head.register_forward_hook(lambda mod, args, out: steps.append(out[:, -1].clone()))
     try:
         out = sample.generate(model, prompts, n=n, max_new_tokens=24, temperature=1.0, seed=3,
                               stop_ids=[])
@@ -308,9 +346,8 @@ def test_group_sampling_encodes_each_prompt_once(model, prompts, monkeypatch):
         vision_calls.append((pixel_values.shape[0], grid_thw.shape[0]))
         return visual_forward(pixel_values, grid_thw)
     monkeypatch.setattr(model.visual, "forward", counting_visual)
-    handle = model.register_forward_pre_hook(
-        lambda mod, args, kwargs: forward_rows.append(tuple((args[0] if args else kwargs["input_ids"]).shape)),
-        with_kwargs=True)
+    handle = model.model.embed_tokens.register_forward_pre_hook(  # the token ids of each forward
+        lambda mod, args: forward_rows.append(tuple(args[0].shape)))
     try:
         out = sample.generate(model, prompts, n=n, max_new_tokens=16, temperature=1.0, seed=5, stop_ids=[])
     finally:
@@ -319,7 +356,7 @@ def test_group_sampling_encodes_each_prompt_once(model, prompts, monkeypatch):
     assert vision_calls == [(patches, P)]
     T = max(len(p["input_ids"]) for p in prompts)
     assert forward_rows[0] == (P, T)                          # the prefill: one row per prompt
-    assert forward_rows[1:] == [(P * n, 1)] * 15              # then one token per row per step
+    assert forward_rows[1:] == [(P * n,)] * 15                # then one token per row per step
     assert out.prompt_index.tolist() == [p for p in range(P) for _ in range(n)]
     assert out.sample_index.tolist() == list(range(n)) * P
     for p in range(P):  # the n rows of a group all differ
@@ -565,7 +602,7 @@ def check_bf16_parity(ckpt, tok, prompts, stops, device, N=8):
     hf = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, dtype=dt).to(device).eval()
     cfg, pad, vision = ours.config, tok.pad_token_id, sample.vision_token_ids(ours.config)
     steps = []
-    handle = ours.register_forward_hook(lambda mod, args, out: steps.append(out[:, -1].float().cpu()))
+    handle = ours.lm_head.register_forward_hook(lambda mod, args, out: steps.append(out[:, -1].float().cpu()))
     try:
         out = sample.generate(ours, prompts, max_new_tokens=N, temperature=0, stop_ids=stops, pad_id=pad)
     finally:

@@ -1,39 +1,31 @@
-"""Benchmark: sample.generate (greedy) against transformers' generate() with the same weights.
+"""Benchmark: sample.generate (greedy), uncompiled and compiled, against transformers' generate()
+with the same weights.
 
-    python tests/bench/bench_sampler.py                       # CPU, small model, batch 16
-    python tests/bench/bench_sampler.py --device cuda --config 3b   # Qwen2.5-VL-3B shape, batch 1 and 64
+    python tests/bench/bench_sampler.py --config demo              # CPU: the demo's model, GRPO's 16 x 8 rows
+    python tests/bench/bench_sampler.py                            # CPU, small model, batch 16
+    python tests/bench/bench_sampler.py --device cuda --config 3b  # Qwen2.5-VL-3B shape, batch 1 and 64
 
-A random-weight model (model.Config + model.Qwen2_5_VL(...).init_weights()) is saved with
-model.save_model to a temp dir and loaded by both sides: ours with model.load_model, transformers'
-with Qwen2_5_VLForConditionalGeneration.from_pretrained. Each prompt is text + one 224x224
-random-noise image (64 image tokens) + text, of different lengths (so left padding is exercised).
-Both sides decode exactly --new-tokens tokens per row: ours with stop_ids=[] and the EOS banned,
-transformers with min_new_tokens = max_new_tokens (which bans the EOS the same way), the vision
-tokens banned on both sides. Runs alternate (HF, ours, HF, ours, ...) after one warm-up each;
-the medians are reported.
+A random-weight model is saved to a temp dir (or --model is used) and loaded by both sides: ours
+with model.load_model, transformers' with Qwen2_5_VLForConditionalGeneration.from_pretrained.
+demo: the demo's sizes (sft.DEMO_TINY, the tiny tokenizer) and prompts as GRPO encodes them
+(synthetic problems, one 112x112 scene each), P prompts x G samples (default 16 x 8, 64 new
+tokens: a GRPO rollout); HF gets each prompt G times in its batch. small, 3b: each prompt is
+text + one 224x224 random-noise image (64 image tokens) + text, of different lengths (left
+padding is exercised), G = 1. Both sides decode exactly --new-tokens tokens per row: ours with
+stop_ids=[] and the EOS banned, transformers with min_new_tokens = max_new_tokens (which bans the
+EOS the same way), the vision tokens banned on both sides. Runs alternate (HF, ours, ours
+compiled, ...) after one warm-up each; the medians are reported. The compiled side's first call
+compiles the decode step (once per process): its wall time is printed, compile included.
 
-Printed per batch size: tokens/s of each (rows * new tokens / wall time of the whole call, vision
-and prefill included), the ratio, ms per decode step of ours (the generate time minus its
-prefill, per step; and one cached decode-step forward timed directly) against one full-sequence
-forward of the same batch (no cache), and the share of the memory-bandwidth roofline: LM weight
-bytes * decode steps/s / the bandwidth of a large copy on the device (on the CPU, with the same
-threads). A decode step at batch 16 must read every LM weight once, so weight bytes / bandwidth is
-a floor on its time whatever the code does; HF's step over that floor bounds any speedup. On a
-CPU in float32 the products, not the bytes, bind: the LM's matmuls timed alone give the other
-floor, and HF's step over it is the most a sampler using the same BLAS can gain.
+Printed per batch: tokens/s of each (rows * new tokens / wall time of the whole call, vision and
+prefill included), the ratio, ms per decode step, one decode step's forward timed alone, the
+step's matrix products alone (every linear layer of the LM and the LM head applied once to the
+batch: on a CPU the floor of a step whatever the code does), and the share of the memory-
+bandwidth roofline (LM weight bytes * decode steps/s / the bandwidth of a large copy: at batch 1
+on a GPU the floor that counts).
 
-Then, from one more run of each with hooks on the model's forward: the decode-step forward's
-share of each side's step. HF's ms/step divided by our forward is the speedup we would get if our
-steps were nothing but the forward (the ceiling for this approach at these shapes).
-
-The small config (the CPU default): LM hidden 256, intermediate 1024 (4x, Qwen2.5 uses ~5.4x),
-4 layers, 4 query / 2 KV heads of 64 (GQA as in Qwen), vocab 32768 tied (as the 3B ties), M-RoPE
-sections [8, 12, 12]; vision 4 blocks of 128 (2x intermediate, 4 heads), full attention in the
-last block, the rest window attention. At these shapes the tied LM head (32768 x 256) is about
-half of a decode step's compute.
-
-The last line is `speedup_vs_hf_generate X`: ours / HF tokens/s (with several batch sizes, the
-smallest of them).
+The last lines are `speedup_vs_hf_generate X` and `compiled_speedup_vs_hf_generate X`: ours /
+HF tokens/s (with several batch sizes, the smallest of them).
 """
 
 import argparse
@@ -53,6 +45,7 @@ sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import model as M  # noqa: E402
 import sample  # noqa: E402
+import sft  # noqa: E402
 
 # special ids of the small config (vocab 32768): <|endoftext|> <|im_start|> <|im_end|> ...
 SMALL_IDS = dict(bos_token_id=32000, eos_token_id=32002, vision_start_token_id=32003,
@@ -82,6 +75,13 @@ def write_checkpoint(cfg, path, dtype, std):
     m = M.Qwen2_5_VL(cfg).init_weights(std=std, seed=0)
     M.save_model(m.to(dtype), path)
     del m
+
+
+def demo_prompts(tok, P, seed=0):
+    """P of the demo's GRPO prompts: synthetic problems (a 112x112 scene, 16 image tokens) as
+    grpo.py encodes them."""
+    return [data.encode_prompt(tok, data.format_question(r), r["images"])
+            for r in data.synth_records(P, "mix", seed)]
 
 
 def make_prompts(cfg, batch, seed=0):
@@ -139,24 +139,25 @@ def lm_weight_bytes(model):
     return total
 
 
-def decode_step_ms(model, batch, dev, steps=16, skip=0):
-    """ms of one cached decode-step forward (B rows, 1 token each) and of the prefill, timed
-    directly: prefill the batch into a cache, skip `skip` slots (masked out, but attended over
-    like the tokens of a run half-way through), then time single-token forwards."""
+def decode_step_ms(model, batch, dev, G=1, steps=16, skip=0):
+    """ms of one decode step's forward (model.decode: 1 token in each of P * G rows) and of the
+    prefill (P prompts), timed directly: prefill the batch into a cache of T + skip + steps + 1
+    slots, copy each prompt's row G times, then time single-token steps (each attends over
+    every slot, under the mask)."""
     ids, am = batch["input_ids"], batch["attention_mask"]
-    B, T = ids.shape
+    P, T = ids.shape
     with torch.no_grad():
         pos, next_pos = model.rope_index(ids, batch["image_grid_thw"], am)
-        cache = model.new_cache(B, T + skip + steps + 1, device=dev)
+        cache = model.new_cache(P, T + skip + steps + 1, device=dev)
         t_prefill, _ = timed(dev, lambda: model(ids, am, batch["pixel_values"], batch["image_grid_thw"],
                                                 position_ids=pos, cache=cache, logits="last"))
-        cache.len += skip
-        tok = torch.randint(0, 1000, (B, 1), device=dev)
-        ones = torch.ones(B, 1, dtype=torch.long, device=dev)
+        rows = torch.arange(P, device=dev).repeat_interleave(G)
+        cache, next_pos = cache.select_rows(rows), next_pos[rows]
+        tok = torch.randint(0, min(1000, model.config.vocab_size), (P * G,), device=dev)
         times = []
         for k in range(steps):
-            p = (next_pos + k).view(1, B, 1).expand(3, B, 1)
-            t, _ = timed(dev, lambda: model(tok, ones, position_ids=p, cache=cache, logits="last"))
+            slot = torch.tensor([T + skip + k], device=dev)
+            t, _ = timed(dev, lambda: model.decode(tok, next_pos + skip + k, slot, cache))
             times.append(t)
     return 1e3 * statistics.median(times[2:]), 1e3 * t_prefill
 
@@ -166,27 +167,6 @@ def full_forward_ms(model, batch, dev, reps=3):
         times = [timed(dev, lambda: model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
                                           batch["image_grid_thw"], logits="last"))[0] for _ in range(reps)]
     return 1e3 * statistics.median(times)
-
-
-def forward_ms_in(model, dev, fn):
-    """Run fn() with hooks that time each call of model's forward; the median over the calls
-    after the first (the prefill) = a decode step's forward inside that generate, in ms."""
-    times, t0 = [], []
-
-    def pre(mod, args):
-        sync(dev)
-        t0.append(time.perf_counter())
-
-    def post(mod, args, out):
-        sync(dev)
-        times.append(time.perf_counter() - t0.pop())
-    handles = [model.register_forward_pre_hook(pre), model.register_forward_hook(post)]
-    try:
-        fn()
-    finally:
-        for h in handles:
-            h.remove()
-    return 1e3 * statistics.median(times[1:])
 
 
 def matmul_floor_ms(model, B, dev, reps=20):
@@ -203,80 +183,141 @@ def matmul_floor_ms(model, B, dev, reps=20):
     return 1e3 * t / reps
 
 
-def bench_batch(ours, hf, cfg, B, args, dev):
+def bench_batch(ours, hf, cfg, prompts, args, dev):
+    """Time ours (uncompiled, and compiled unless --no-compile) and HF's generate on P prompts x
+    G samples, greedy, every row exactly N new tokens. HF gets each prompt G times in its batch
+    (greedy generate() takes no num_return_sequences): the rows ours returns, in the same order."""
     from transformers import GenerationConfig
-    N = args.new_tokens
-    prompts = make_prompts(cfg, B)
-    pad = 0
+    N, G, P = args.new_tokens, args.group, len(prompts)
+    R, pad = P * G, 0
     vision = sample.vision_token_ids(cfg)
     eos = cfg.eos_token_id
     batch = {k: v.to(dev) for k, v in data.collate(prompts, pad, "left").items()}
-    mm = (batch["input_ids"] == cfg.image_token_id).int()
+    rep = {k: v.repeat_interleave(G, 0) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+    rep["pixel_values"] = torch.cat([p["pixel_values"] for p in prompts for _ in range(G)]).to(dev)
+    rep["image_grid_thw"] = batch["image_grid_thw"].repeat_interleave(G, 0)
+    mm = (rep["input_ids"] == cfg.image_token_id).int()
     T = batch["input_ids"].shape[1]
 
-    def run_ours(n=N):
-        return sample.generate(ours, prompts, n=1, max_new_tokens=n, temperature=0, stop_ids=[],
-                               ban_ids=vision + [eos], pad_id=pad)
+    def run_ours(n=N, compile=False):
+        return sample.generate(ours, prompts, n=G, max_new_tokens=n, temperature=0, stop_ids=[],
+                               ban_ids=vision + [eos], pad_id=pad, compile=compile)
 
     def run_hf(n=N):
         gc = GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=eos,
                               pad_token_id=pad, suppress_tokens=vision, bos_token_id=cfg.bos_token_id)
         with torch.no_grad():
-            return hf.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
-                               mm_token_type_ids=mm, generation_config=gc)
+            return hf.generate(**rep, mm_token_type_ids=mm, generation_config=gc)
 
+    r = dict(batch=R, prompt_len=T)
     run_hf(4), run_ours(4)  # warm-up
-    t_hf, t_ours, agree = [], [], None
-    for _ in range(args.repeats):
-        t, g = timed(dev, run_hf)
-        t_hf.append(t)
-        t, o = timed(dev, run_ours)
-        t_ours.append(t)
-        assert o.tokens.shape == (B, N) and (o.lengths == N).all(), (o.tokens.shape, o.lengths)
-        assert g.shape[1] - T == N, g.shape
-        agree = (o.tokens == g[:, T:].cpu()).float().mean().item()
-    hf_s, ours_s = statistics.median(t_hf), statistics.median(t_ours)
-    step_ms, prefill_ms = decode_step_ms(ours, batch, dev, skip=N // 2)
-    # one more run of each with the forward calls timed: how much of a step is the model itself
-    hf_fwd_in, ours_fwd_in = forward_ms_in(hf, dev, run_hf), forward_ms_in(ours, dev, run_ours)
-    full_ms = full_forward_ms(ours, batch, dev)
-    r = dict(batch=B, prompt_len=T, hf_tok_s=B * N / hf_s, ours_tok_s=B * N / ours_s,
-             speedup=hf_s / ours_s, hf_s=hf_s, ours_s=ours_s, agree=agree,
-             step_ms=step_ms, prefill_ms=prefill_ms, full_ms=full_ms,
-             ours_step_ms=1e3 * (ours_s - prefill_ms / 1e3) / max(N - 1, 1),
-             hf_step_ms=1e3 * hf_s / N, hf_fwd_in=hf_fwd_in, ours_fwd_in=ours_fwd_in)
-    decode_steps_per_s = (N - 1) / max(ours_s - prefill_ms / 1e3, 1e-9)
+    if args.compile:  # the first call compiles the decode step (once per process): its whole wall time
+        r["compile_s"], _ = timed(dev, lambda: run_ours(N, compile=True))
+    sides = dict(hf=run_hf, ours=run_ours) | (dict(comp=lambda: run_ours(compile=True)) if args.compile else {})
+    times = {k: [] for k in sides}
+    for _ in range(args.repeats):  # alternated, so a slow spell of the machine hits every side
+        for k, fn in sides.items():
+            t, out = timed(dev, fn)
+            times[k].append(t)
+            got = out if k == "hf" else out.tokens
+            if k != "hf":
+                assert got.shape == (R, N) and (out.lengths == N).all(), (got.shape, out.lengths)
+            r[f"{k}_tokens"] = got[:, T:].cpu() if k == "hf" else got
+    for k in sides:
+        r[f"{k}_s"] = statistics.median(times[k])
+        r[f"{k}_tok_s"] = R * N / r[f"{k}_s"]
+        if k != "hf":
+            r[f"{k}_speedup"] = r["hf_s"] / r[f"{k}_s"]
+            r[f"{k}_agree"] = (r[f"{k}_tokens"] == r["hf_tokens"]).float().mean().item()
+    step_ms, prefill_ms = decode_step_ms(ours, batch, dev, G, skip=N // 2)
+    r.update(step_ms=step_ms, prefill_ms=prefill_ms, hf_step_ms=1e3 * r["hf_s"] / N,
+             ours_step_ms=1e3 * (r["ours_s"] - prefill_ms / 1e3) / max(N - 1, 1))
+    if args.compile:
+        r["comp_step_ms"] = 1e3 * (r["comp_s"] - prefill_ms / 1e3) / max(N - 1, 1)
+    r["full_ms"] = full_forward_ms(ours, batch, dev)
+    decode_steps_per_s = (N - 1) / max(r["ours_s"] - prefill_ms / 1e3, 1e-9)
     r["roofline"] = args.weight_bytes * decode_steps_per_s / args.bandwidth
-    r["roofline_whole"] = args.weight_bytes * (N / ours_s) / args.bandwidth
-    r["hf_roofline"] = args.weight_bytes * (N / hf_s) / args.bandwidth
-    r["mm_ms"] = matmul_floor_ms(ours, B, dev)  # a step that only multiplies
+    r["hf_roofline"] = args.weight_bytes * (N / r["hf_s"]) / args.bandwidth
+    r["mm_ms"] = matmul_floor_ms(ours, R, dev)  # a step that only multiplies
     return r
 
 
-def profile_decode(model, cfg, B, dev, steps=8):
+def profile_decode(model, cfg, prompts, G, dev, steps=8):
     """Where a decode step's time goes (ours): torch.profiler over a few generate steps."""
     from torch.profiler import ProfilerActivity, profile
-    prompts = make_prompts(cfg, B)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-    sample.generate(model, prompts, max_new_tokens=4, temperature=0, stop_ids=[])
+    sample.generate(model, prompts, n=G, max_new_tokens=4, temperature=0, stop_ids=[])
     with profile(activities=acts) as prof:
-        sample.generate(model, prompts, max_new_tokens=steps, temperature=0, stop_ids=[])
+        sample.generate(model, prompts, n=G, max_new_tokens=steps, temperature=0, stop_ids=[])
     key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=25))
+
+
+def build(args, dtype, dev, d):
+    """Write the benchmark's random checkpoint into d (or use --model), load it on both sides ->
+    (ours, hf, the prompts of each batch size)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    path = args.model or d
+    if args.config == "demo":
+        if not args.model:
+            m, tok = data.make_tiny_checkpoint(d, seed=0, **sft.DEMO_TINY)
+            M.save_model(m.init_weights(std=args.std, seed=1).to(dtype), d)  # varied greedy tokens
+        tok = data.load_tokenizer(path)
+        prompts = {P: demo_prompts(tok, P) for P in args.batches}
+    else:
+        cfg = make_config(args.config)
+        if not args.model:
+            write_checkpoint(cfg, d, dtype, args.std)
+        prompts = {P: make_prompts(cfg, P) for P in args.batches}
+    ours = M.load_model(path, dtype=dtype, device=dev).eval()
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(dev).eval()
+    return ours, hf, prompts
+
+
+def report(rows, args):
+    hdr = (f"{'rows':>5} {'HF tok/s':>10} {'ours tok/s':>10} {'speedup':>8} {'HF ms/step':>10} "
+           f"{'ours ms/step':>12} {'fwd 1 step':>10} {'matmuls':>8} {'prefill':>9} {'full fwd':>9} {'agree':>6}"
+           f" {'roofline':>8} {'HF roof':>8}")
+    print(hdr)
+    for r in rows:
+        print(f"{r['batch']:>5} {r['hf_tok_s']:>10.1f} {r['ours_tok_s']:>10.1f} {r['ours_speedup']:>8.2f} "
+              f"{r['hf_step_ms']:>10.2f} {r['ours_step_ms']:>12.2f} {r['step_ms']:>10.2f} {r['mm_ms']:>8.2f} "
+              f"{r['prefill_ms']:>9.1f} {r['full_ms']:>9.1f} {r['ours_agree']:>6.3f}"
+              f" {100 * r['roofline']:>7.1f}% {100 * r['hf_roofline']:>7.1f}%")
+    print("columns: rows = prompts * group; tok/s = rows * new tokens / wall time of the whole generate "
+          "call; ms/step: HF = its time / new tokens, ours = (time - prefill) / (new tokens - 1); fwd 1 "
+          "step = one decode-step forward of ours timed alone; matmuls = the step's matrix products "
+          "alone (the floor of a step on a CPU); prefill = our prefill forward (vision included); full "
+          "fwd = one uncached forward of the prompts (ms); agree = share of greedy tokens equal to HF's; "
+          "roofline = LM weight bytes * decode steps/s / copy bandwidth (HF roof: over HF's whole call)")
+    for r in rows:
+        print(f"rows {r['batch']}: HF's step / the step's matrix products alone {r['mm_ms']:.2f} ms = "
+              f"{r['hf_step_ms'] / r['mm_ms']:.2f} (the speedup of a step that did nothing but its matmuls); "
+              f"HF's step / the weight-read floor {args.bound_ms:.2f} ms = {r['hf_step_ms'] / args.bound_ms:.2f}")
+        if "comp_s" in r:
+            print(f"rows {r['batch']}: compiled: {r['comp_tok_s']:.1f} tok/s, {r['comp_step_ms']:.2f} ms/step, "
+                  f"speedup {r['comp_speedup']:.2f}, agree {r['comp_agree']:.3f}; the first call (compile "
+                  f"included) took {r['compile_s']:.1f} s")
+    for k in ("ours", "comp"):
+        if all(f"{k}_speedup" in r for r in rows):
+            print(f"{'speedup_vs_hf_generate' if k == 'ours' else 'compiled_speedup_vs_hf_generate'} "
+                  f"{min(r[k + '_speedup'] for r in rows):.2f}")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--config", default="small", choices=["small", "3b"])
-    p.add_argument("--batch", default=None, help="batch size(s), comma-separated (default: 16 for small, 1,64 for 3b)")
-    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--config", default="small", choices=["small", "3b", "demo"])
+    p.add_argument("--model", default=None, help="a checkpoint of that config's shape to load instead of random weights")
+    p.add_argument("--batch", default=None, help="prompts per call, comma-separated (default: 16 for small and demo, 1,64 for 3b)")
+    p.add_argument("--group", type=int, default=None, help="G: samples per prompt (default: 8 for demo, as GRPO; else 1)")
+    p.add_argument("--new-tokens", type=int, default=None, help="new tokens per row (default: 64 for demo, else 256)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each side (median reported)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or 2),
                    help="torch CPU threads (default: $OMP_NUM_THREADS, else 2; on a machine shared with other busy processes, 1: with 2 threads every op waits for a descheduled peer thread)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: float32 on cpu, bfloat16 on cuda")
-    p.add_argument("--std", type=float, default=None, help="init std (default 0.05 small, 0.02 3b)")
+    p.add_argument("--std", type=float, default=None, help="init std (default 0.05 small, 0.02 3b, 0.3 demo)")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled sampler")
     p.add_argument("--profile", action="store_true", help="also print a torch.profiler table of our decode")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -285,18 +326,16 @@ def main(argv=None):
     dev = torch.device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype) or (
         torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    batches = [int(b) for b in (args.batch or ("16" if args.config == "small" else "1,64")).split(",")]
-    std = args.std if args.std is not None else (0.05 if args.config == "small" else 0.02)
+    args.batches = [int(b) for b in (args.batch or ("1,64" if args.config == "3b" else "16")).split(",")]
+    args.group = args.group or (8 if args.config == "demo" else 1)
+    args.new_tokens = args.new_tokens or (64 if args.config == "demo" else 256)
+    args.std = args.std if args.std is not None else dict(small=0.05, demo=0.3).get(args.config, 0.02)
 
     import transformers
-    from transformers import Qwen2_5_VLForConditionalGeneration
     transformers.logging.set_verbosity_error()
-    cfg = make_config(args.config)
     with tempfile.TemporaryDirectory(prefix="bench_sampler_") as d:
         t0 = time.perf_counter()
-        write_checkpoint(cfg, d, dtype, std)
-        ours = M.load_model(d, dtype=dtype, device=dev).eval()
-        hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(d, dtype=dtype).to(dev).eval()
+        ours, hf, prompts = build(args, dtype, dev, d)
         print(f"built, saved and loaded the {args.config} model in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     cfg = ours.config
     nparams = sum(p.numel() for p in ours.parameters())
@@ -305,44 +344,21 @@ def main(argv=None):
     print(f"device {dev} ({torch.cuda.get_device_name() if dev.type == 'cuda' else f'{args.threads} threads'}), "
           f"dtype {str(dtype).replace('torch.', '')}, config {args.config}: hidden {cfg.hidden_size}, "
           f"layers {cfg.num_hidden_layers}, vocab {cfg.vocab_size}, {nparams / 1e6:.1f}M params, "
-          f"LM weights {args.weight_bytes / 2**20:.1f} MiB; new tokens {args.new_tokens}, greedy, "
-          f"median of {args.repeats}, torch {torch.__version__}, transformers {transformers.__version__}")
+          f"LM weights {args.weight_bytes / 2**20:.1f} MiB; {args.group} samples per prompt, new tokens "
+          f"{args.new_tokens}, greedy, median of {args.repeats}, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}")
     args.bound_ms = 1e3 * args.weight_bytes / args.bandwidth  # a step that only reads the weights once
     print(f"copy bandwidth {args.bandwidth / 1e9:.1f} GB/s: reading the LM weights once takes "
           f"{args.bound_ms:.2f} ms (the floor of a decode step)")
     rows = []
-    for B in batches:
-        r = bench_batch(ours, hf, cfg, B, args, dev)
+    for P in args.batches:
+        r = bench_batch(ours, hf, cfg, prompts[P], args, dev)
         rows.append(r)
-        print(f"batch {B}: prompt {r['prompt_len']} tokens, HF {r['hf_s']:.2f}s, ours {r['ours_s']:.2f}s, "
-              f"greedy token agreement {r['agree']:.3f}", file=sys.stderr)
-    hdr = (f"{'batch':>5} {'HF tok/s':>10} {'ours tok/s':>10} {'speedup':>8} {'HF ms/step':>10} "
-           f"{'ours ms/step':>12} {'fwd 1 step':>10} {'prefill':>9} {'full fwd':>9} {'agree':>6}"
-           f" {'roofline':>8} {'(whole)':>8} {'HF roof':>8}")
-    print(hdr)
-    for r in rows:
-        line = (f"{r['batch']:>5} {r['hf_tok_s']:>10.1f} {r['ours_tok_s']:>10.1f} {r['speedup']:>8.2f} "
-                f"{r['hf_step_ms']:>10.2f} {r['ours_step_ms']:>12.2f} {r['step_ms']:>10.2f} "
-                f"{r['prefill_ms']:>9.1f} {r['full_ms']:>9.1f} {r['agree']:>6.3f}")
-        line += f" {100 * r['roofline']:>7.1f}% {100 * r['roofline_whole']:>7.1f}% {100 * r['hf_roofline']:>7.1f}%"
-        print(line)
-    print("columns: tok/s = rows * new tokens / wall time of the whole generate call; ms/step: HF = "
-          "its time / new tokens, ours = (time - prefill) / (new tokens - 1); fwd 1 step = one cached "
-          "decode-step forward of ours timed alone (cache half-way: prompt + new tokens / 2); prefill = our prefill forward (vision included); "
-          "full fwd = one uncached forward of the whole batch (ms); agree = share of greedy tokens "
-          "equal to HF's; roofline = LM weight bytes * decode steps/s / copy bandwidth (whole: "
-          "steps/s over the whole call; HF roof: the same for HF's whole call)")
-    for r in rows:  # the model's own forward inside each generate (hooks), against the step
-        print(f"batch {r['batch']}: inside generate, the decode-step forward takes HF {r['hf_fwd_in']:.2f} ms of its "
-              f"{r['hf_step_ms']:.2f} ms/step, ours {r['ours_fwd_in']:.2f} ms of {r['ours_step_ms']:.2f} ms/step; "
-              f"HF's step / our forward = {r['hf_step_ms'] / r['ours_fwd_in']:.2f} (the speedup if our "
-              f"steps were nothing but the forward); HF's step / the weight-read floor "
-              f"{args.bound_ms:.2f} ms = {r['hf_step_ms'] / args.bound_ms:.2f} (the speedup of a step at the roofline); "
-              f"HF's step / the LM's matrix products alone {r['mm_ms']:.2f} ms = {r['hf_step_ms'] / r['mm_ms']:.2f} "
-              f"(the speedup of a step that did nothing but its matmuls)")
+        print(f"{P} prompts x {args.group}: prompt {r['prompt_len']} tokens, HF {r['hf_s']:.2f}s, ours "
+              f"{r['ours_s']:.2f}s, greedy token agreement {r['ours_agree']:.3f}", file=sys.stderr)
+    report(rows, args)
     if args.profile:
-        profile_decode(ours, cfg, batches[-1], dev)
-    print(f"speedup_vs_hf_generate {min(r['speedup'] for r in rows):.2f}")
+        profile_decode(ours, cfg, prompts[args.batches[-1]], args.group, dev)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The checks that need a GPU, in one call of at most 9.3 minutes (the sum of the steps' time
-# limits); each step's output goes to $OUT/<step>.log (default
+# The checks that need a GPU, in one call of at most 11.8 minutes (the sum of the steps' time
+# limits; SKIP_3B=1 leaves out the 3B sampler benchmark: 9.3); each step's output goes to $OUT/<step>.log (default
 # ./gpu_out), and a failed or timed-out step does not stop the others (a cut GRPO run still returns
 # the metrics of the rollouts it finished).
 #
@@ -11,7 +11,9 @@
 # torch, transformers and pytest on the machine.
 #   1. the tests marked cuda (bf16 SFT and GRPO, the sampler on CUDA)
 #   2. torchrun grpo.py on CUDA (nccl, bf16), 5 rollouts from runs/sft1
-#   3. bench_grpo_rows.py and bench_sampler.py on the device (small model)
+#   3. bench_grpo_rows.py (small model) and bench_sampler.py on the device: the demo's shape
+#      with GRPO's workload, then Qwen2.5-VL-3B's shapes in bf16 at batch 1 (the share of the HBM
+#      roofline) and 64, each against transformers' generate(), compiled (CUDA graphs) and not
 #   4. the demo's GRPO at 16x the CPU demo's batch: 256 mixed prompts x 8 per step, lr 3e-4, 100
 #      rollouts, the held-out test every 25 (does GRPO's gain grow with the batch?)
 set -u
@@ -34,7 +36,9 @@ step cuda_tests 150 python -m pytest -q -m cuda tests
 step torchrun_grpo 90 torchrun --standalone --nproc_per_node=1 grpo.py --model runs/sft1 --out "$OUT/grpo_torchrun" \
     --steps "$STEPS" --eval-every 0 --save-every 1000 --device "$DEVICE" --bf16
 step bench_grpo_rows 45 python tests/bench/bench_grpo_rows.py --device "$DEVICE" --config small $BENCH
-step bench_sampler 90 python tests/bench/bench_sampler.py --device "$DEVICE" --config small $SAMPLER
+step bench_sampler 90 python tests/bench/bench_sampler.py --device "$DEVICE" --config demo $SAMPLER
+[ "${SKIP_3B:-${SMOKE:-0}}" = 1 ] || step bench_sampler_3b 150 python tests/bench/bench_sampler.py --device "$DEVICE" \
+    --config 3b --new-tokens 128 --repeats 2 $SAMPLER
 step grpo_scale 180 python grpo.py --model runs/sft1 --out "$OUT/grpo_scale" --device "$DEVICE" --no-bf16 \
     --level mix --prompts-per-rollout "$PROMPTS" --prompts-per-step "$PROMPTS" --micro-batch 256 --lr 3e-4 \
     --steps "$STEPS" --eval-every "$EVAL" --eval-n "$EVAL_N" --save-every 1000
