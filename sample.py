@@ -11,7 +11,10 @@ K/V live in buffers allocated once and written in place; under FSDP2 the weights
 once per call (`gathered`). Sampling: temperature, top-k, top-p, then one draw whose uniform is a
 hash of (seed, prompt key, sample index, step), so a row's draws do not depend on its batch or
 on the number of processes; temperature 0 is greedy. Vision tokens are never emitted (a sampled
-<|image_pad|> breaks the next forward). Masks come from lengths, never from token ids.
+<|image_pad|> breaks the next forward). Masks come from lengths, never from token ids. A decode
+step has fixed shapes (model.decode: each row writes one slot, attention reads whole blocks of
+slots under a mask), so `--compile` compiles it once per process, as gpt-fast does (on CUDA as a
+CUDA graph); off by default: on a 2-core CPU the compile costs the demo's runs more than it saves.
 
     python sample.py --model DIR --image PATH --question "..." [--n 4 --temperature 1.0]
     python sample.py --model DIR --data FILE.jsonl --out FILE.jsonl       # batch, resumable
