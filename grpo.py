@@ -515,7 +515,7 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--seed", type=int, default=0, help="seed for prompt order and sampling")
     p.add_argument("--staircase", action="store_true", help="the whole embedded demo from nothing into runs/ "
-                   "(see staircase(); with --seed); other flags are ignored")
+                   "(see staircase(); with --seed and --compile); other flags are ignored")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 compute (default: on CUDA)")
     a = p.parse_args(argv)
@@ -591,7 +591,7 @@ def main(argv=None):
 def grpo_main(argv=None):
     a = get_args(argv)
     if a.staircase:
-        return staircase(seed=a.seed)
+        return staircase(seed=a.seed, compile=a.compile)
     if a.model == "runs/sft1" and not os.path.exists(os.path.join(a.model, "config.json")):
         build_start_model(a.seed)
     rank, world, device = E.dist_init(a.device)
@@ -671,14 +671,15 @@ def command(script, args):
     return "python " + script + "".join(" " + (f'"{x}"' if " " in x else x) for x in args), run
 
 
-def staircase_stages(root, seed, c):
+def staircase_stages(root, seed, c, compile=False):
     """The stages, each (name, its output model dir, its commands as (line, call)); c: DEMO's sizes."""
     d = lambda *p: os.path.join(root, *p)
     sd = ["--seed", str(seed)] if seed else []
+    cf = ["--compile"] if compile else []  # every sampling command: one compiled step for the whole process
     px = ["--eval-n", "0"]
     from_base = ["--model", d("base"), "--lr", "2e-3", "--data-seed", "1"] + px  # the trace grammar is new to the base
     pool, dis = d("pool1"), d("distill")
-    grpo = ["--n-train", str(c["grpo_n"]), "--steps", str(c["grpo_steps"]), "--eval-every", "0"] + c["grpo_flags"] + sd
+    grpo = ["--n-train", str(c["grpo_n"]), "--steps", str(c["grpo_steps"]), "--eval-every", "0"] + c["grpo_flags"] + sd + cf
     return [
         ("base", d("base"), [command("sft.py", ["--synth", "base", "--level", "mix", "--n-train", str(c["base_n"]),
                                                 "--steps", str(c["base_steps"]), "--out", d("base")] + sd + px)]),
@@ -689,10 +690,10 @@ def staircase_stages(root, seed, c):
             command("data.py", ["synth", "--out", pool, "--n", str(c["pool"]), "--level", "mix", "--seed", "1"]),
             command("sample.py", ["--task", "caption", "--model", d("base"), "--data", d("pool1", "data.jsonl"),
                                   "--out", d("pool1", "captions.jsonl"), "--caption-prompt", data.CAPTION_PROMPT,
-                                  "--max-new-tokens", "64", "--batch-size", "100"]),
+                                  "--max-new-tokens", "64", "--batch-size", "100"] + cf),
             command("sample.py", ["--task", "reason", "--model", d("reasoner"), "--data", d("pool1", "captions.jsonl"),
                                   "--out", d("pool1", "traces.jsonl"), "--reason-prompt", data.REASON_TEMPLATE,
-                                  "--n", str(c["k"]), "--max-new-tokens", str(MAX_NEW), "--batch-size", "100"] + sd),
+                                  "--n", str(c["k"]), "--max-new-tokens", str(MAX_NEW), "--batch-size", "100"] + sd + cf),
             command("data.py", ["traces", "--data", d("pool1", "traces.jsonl"), "--out", d("sft1.jsonl"),
                                 "--max-words", str(data.MAX_WORDS)]),
             command("sft.py", from_base + ["--data", d("sft1.jsonl"), "--steps", str(c["sft1_steps"]), "--out", d("sft1")])]),
@@ -701,14 +702,14 @@ def staircase_stages(root, seed, c):
             command("data.py", ["synth", "--out", dis, "--n", str(c["n_distill"]), "--level", "mix", "--seed", "2"]),
             command("sample.py", ["--task", "distill", "--model", d("grpo1"), "--data", d("distill", "data.jsonl"),
                                   "--out", d("distill", "samples.jsonl"), "--n", str(c["k2"]),
-                                  "--max-new-tokens", str(MAX_NEW), "--batch-size", "64"] + sd),
+                                  "--max-new-tokens", str(MAX_NEW), "--batch-size", "64"] + sd + cf),
             command("data.py", ["traces", "--data", d("distill", "samples.jsonl"), "--out", d("sft2.jsonl")]),
             command("sft.py", from_base + ["--data", d("sft2.jsonl"), "--steps", str(c["sft2_steps"]), "--out", d("sft2")])]),
         ("GRPO2", d("grpo2"), [command("grpo.py", ["--model", d("sft2"), "--level", "hard", "--out", d("grpo2")] + grpo)]),
     ]
 
 
-def run_stage(name, out, commands, test):
+def run_stage(name, out, commands, test, compile=False):
     """Run one stage's commands, then test its model greedily -> its row of staircase.json (the
     text reasoner has no row of its own: the filters' counts in SFT1's row say how it did)."""
     t0 = time.time()
@@ -724,7 +725,8 @@ def run_stage(name, out, commands, test):
         row.update(filters=results[3], kept=len(kept), wrong_caption=wrong)
     if name != "reasoner":
         m = M.load_model(out).eval()
-        res, s = E.evaluate(m, data.load_tokenizer(out), test, batch_size=100, max_new_tokens=MAX_NEW, progress=False)
+        res, s = E.evaluate(m, data.load_tokenizer(out), test, batch_size=100, max_new_tokens=MAX_NEW, progress=False,
+                            compile=compile)
         row.update(accuracy=s["accuracy"], family={k: v[0] for k, v in s["by"]["family"].items()},
                    level={k: v[0] for k, v in s["by"].get("level", {}).items()}, correct=[int(r["correct"]) for r in res])
     return row
@@ -786,21 +788,22 @@ def draw_chart(rows, path, size=(560, 360)):
     img.save(path)
 
 
-def staircase(root="runs", seed=0, until=None, sizes=None):
+def staircase(root="runs", seed=0, until=None, sizes=None, compile=False):
     """The paper's loop on the embedded world from nothing, each VLM stage tested greedily on the
     first test_n held-out problems (one standard error ~1 point at 2000). Writes root/
     staircase.json (a row per stage), staircase.md and staircase.png. A stage already in
     staircase.json, with its model on disk, is skipped, so a rerun continues; `until` stops
-    after the named stage. seed (--seed) sets the initializations and the sampling. One process."""
+    after the named stage. seed (--seed) sets the initializations and the sampling. One process:
+    with compile (--compile) its sampling shares one compiled decode step."""
     c = {**DEMO, **(sizes or {})}
     test = data.synth_test_records(c["test_n"])
     path, rows = os.path.join(root, "staircase.json"), {}
     if os.path.exists(path):
         with open(path) as f:
             rows = json.load(f)
-    for name, out, commands in staircase_stages(root, seed, c):
+    for name, out, commands in staircase_stages(root, seed, c, compile):
         if name not in rows or not os.path.exists(os.path.join(out, "config.json")):
-            rows[name] = run_stage(name, out, commands, test)
+            rows[name] = run_stage(name, out, commands, test, compile)
             with open(path, "w") as f:
                 json.dump(rows, f)
         print(f"{name}: {rows[name].get('accuracy', float('nan')):.1%} ({rows[name]['seconds'] / 60:.1f} min)", flush=True)

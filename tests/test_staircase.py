@@ -160,6 +160,14 @@ def test_miniature_staircase(tmp_path, monkeypatch):
     assert grpo.staircase(root, sizes=MINI) == rows
 
 
+def test_staircase_compile_reaches_every_sampler():
+    """--staircase --compile: every command that samples (sample.py, grpo.py) gets --compile, no other."""
+    for compile in (False, True):
+        lines = [line for _, _, cmds in grpo.staircase_stages("r", 0, grpo.DEMO, compile) for line, _ in cmds]
+        samplers = [line.startswith(("python sample.py", "python grpo.py")) for line in lines]
+        assert sum(samplers) == 5 and [("--compile" in line) for line in lines] == [compile and x for x in samplers]
+
+
 def test_paired_step_by_hand():
     a, b = dict(correct=[1, 0, 0, 1]), dict(correct=[1, 1, 0, 0])
     step, se = grpo.paired_step(a, b)
