@@ -457,8 +457,8 @@ def get_args(argv=None):
     p.add_argument("--model", default="runs/sft1", help="policy to start from (checkpoint dir); also the KL reference")
     p.add_argument("--data", default=None, help="training prompts (JSONL, any reader format); default: synthetic problems")
     p.add_argument("--n-train", type=n1, default=4000, help="synthetic training problems when --data is not given")
-    p.add_argument("--level", default="mix", choices=["easy", "hard", "mix"],
-                   help="their level (the demo: GRPO1 mix, GRPO2 hard)")
+    p.add_argument("--level", default="hard", choices=["easy", "hard", "mix"],
+                   help="their level (the demo's GRPO1 and GRPO2: hard)")
     p.add_argument("--out", default="runs/grpo1", help="output directory (checkpoints, metrics.jsonl)")
     p.add_argument("--suffix", default="", help="text after each question: '' or 'r1' (the paper's prompt)")
     p.add_argument("--max-pixels", type=data.at_least(data.MIN_PIXELS), default=512 * 512, help="image resize cap, pixels")
