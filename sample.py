@@ -243,11 +243,13 @@ def decode_and_choose(model, tok, pos, slot, n_slots, cache, u, ban, temperature
     return choose(logits, temperature, top_k, top_p, u, ban)
 
 
-# a decode step attends over the cache's slots up to the next multiple of SLOT_BLOCK past the
-# last one written, not over the whole budget: its shapes change every SLOT_BLOCK steps only, and
-# a call whose rows stop early (GRPO: ~40 of 192 tokens) does not pay for the slots never written
-# (the demo's GRPO step on a CPU: 17 ms over all 73 + 192 slots, 12.5 ms over 128)
-SLOT_BLOCK = 64
+# a decode step attends over the cache's slots up to the next multiple of a block past the last
+# one written, not over the whole budget: a call whose rows stop early (GRPO: ~40 of 192 tokens)
+# does not pay for the slots never written (the demo's GRPO step on a CPU: 17 ms over all 73 +
+# 192 slots, 12.5 ms over 128). Its shapes change once a block: on a CPU a new shape costs
+# nothing (the compiled step's sizes are symbolic), so small blocks; a CUDA graph is recorded
+# once per shape, so large ones there
+SLOT_BLOCK = {"cpu": 16, "cuda": 64}
 _compiled = {}  # decode_and_choose compiled, once per process and device (a compile takes tens of seconds)
 
 
@@ -255,13 +257,81 @@ def decode_step(compile, device):
     """decode_and_choose, or that step compiled: torch.compile fuses its dozens of small kernels
     per layer, and on CUDA replays the step as one CUDA graph ("reduce-overhead"). The model is
     an argument, so a later model (GRPO's policy, another checkpoint) reuses the compiled code;
-    the sizes are symbolic (dynamic), so a new batch or cache size does not compile again."""
+    the sizes are symbolic (dynamic), so a new batch or cache size does not compile again; the
+    sampling knobs (temperature, top-p) are constants of the graph (specialize_float: symbolic
+    floats make dynamo trace the step twice, 9 s instead of 5 on a 2-core CPU)."""
     if not compile:
         return decode_and_choose
     if device.type not in _compiled:
         mode = "reduce-overhead" if device.type == "cuda" else None
-        _compiled[device.type] = torch.compile(decode_and_choose, mode=mode, dynamic=True)
+        step = torch.compile(decode_and_choose, mode=mode, dynamic=True)
+
+        def specialized(*args):
+            with torch._dynamo.config.patch(specialize_float=True):
+                return step(*args)
+        _compiled[device.type] = specialized
     return _compiled[device.type]
+
+
+# when at most half the rows of the decode batch are still going, the batch drops to half its
+# size, keeping every row that goes on: a step's cost grows with its rows, and GRPO's completions
+# stop far apart (the demo's: 40 tokens on average, the longest of 128 rows ~70). Halving rather
+# than cutting to the exact count keeps to a few batch sizes (R, R/2, R/4, ...: a few shapes for
+# torch.compile and CUDA graphs). Below MIN_ROWS a step costs about the same whatever its rows.
+MIN_ROWS = 16
+
+
+def halve(cache, done, rows, *per_row):
+    """The decode batch cut to half its rows, the rows still going first -> the cache, done, the
+    full batch's index of each row, and each (B, ...) tensor of per_row (None stays None)."""
+    keep = torch.argsort(done.to(torch.uint8), stable=True)[:done.shape[0] // 2]
+    return (cache.select_rows(keep), done[keep], rows[keep],
+            *(t[keep] if t is not None else None for t in per_row))
+
+
+def decode_loop(model, cache, tok, lp, next_pos, us, N, stop, sampling, compile):
+    """Decode until every row has stopped or N tokens are chosen. tok, lp (R,): each row's first
+    token and its log-prob (from the prefill's logits); us (R, N) or None: every step's uniforms;
+    sampling = (ban, temperature, top_k, top_p). -> tokens (R, N), logps (R, N) as chosen, a
+    row's steps after its stop token included (the caller masks them; columns never reached: 0).
+    The decode batch starts as all R rows and halves as rows stop (halve): a dropped row is
+    done, and its columns so far go to the output as it leaves."""
+    R, dev, T = tok.shape[0], tok.device, cache.len  # step i writes slot T + i of every row
+    tok = tok.clone()  # not a view (choose's squeeze): a view's input would compile the step again
+    block = SLOT_BLOCK.get(dev.type, 64)
+    tokens = torch.zeros(R, N, dtype=torch.long, device=dev)
+    logps = torch.zeros(R, N, device=dev)
+    toks, lps = tokens, logps  # the decode batch's columns: the output itself until a halving
+    slots = T + torch.arange(N, device=dev)
+    rows = torch.arange(R, device=dev)  # the decode batch's rows, as rows of the output
+    done = torch.zeros(R, dtype=torch.bool, device=dev)
+    step = decode_step(compile, dev)
+    static = compile and dev.type == "cuda"  # a CUDA graph writes in place only at fixed addresses
+    pin = lambda c: [torch._dynamo.mark_static_address(t) for t in c.k + c.v + [c.valid]] if static else None  # noqa: E731
+    pin(cache)
+    # "how many rows go on?" makes the host wait for the device: on an accelerator ask only every
+    # 8 steps (a few wasted steps at the end cost less than draining the queue at every step)
+    check_every = 1 if dev.type == "cpu" else 8
+    for i in range(N):
+        if i > 0:  # feed the last token at each row's own position (finished rows too: their
+            # output is masked, and a row attends to its own cache only), choose the next
+            n_slots = -(-(T + i) // block) * block
+            tok, lp = step(model, tok, next_pos + i - 1, slots[i - 1:i], n_slots, cache,
+                           us[:, i] if us is not None else None, *sampling)
+        toks[:, i], lps[:, i] = tok, lp
+        done |= torch.isin(tok, stop)
+        if i % check_every == check_every - 1:
+            going, B = int((~done).sum()), done.shape[0]
+            if going == 0:
+                break
+            if going <= B // 2 and B // 2 >= MIN_ROWS:
+                if toks is not tokens:
+                    tokens[rows], logps[rows] = toks, lps
+                cache, done, rows, tok, next_pos, us, toks, lps = halve(cache, done, rows, tok, next_pos, us, toks, lps)
+                pin(cache)
+    if toks is not tokens:
+        tokens[rows], logps[rows] = toks, lps
+    return tokens, logps
 
 
 @torch.no_grad()  # a sampler never backpropagates: no graph over the decode steps (GRPO's policy has grads on)
@@ -286,47 +356,30 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
         pos, next_pos = model.rope_index(ids, grid, am)
         # the cache: whole blocks, and one slot more, so that a step never reads it all (a slice to
         # the full length is another graph to torch.compile: a second compile mid-run)
-        cache = model.new_cache(P, -(-(T + max_new_tokens) // SLOT_BLOCK) * SLOT_BLOCK + 1, device=dev)
+        block = SLOT_BLOCK.get(dev.type, 64)
+        cache = model.new_cache(P, -(-(T + max_new_tokens) // block) * block + 1, device=dev)
         logits = model(ids, am, pv, grid, position_ids=pos, cache=cache, logits="last")[:, -1]
         # each prompt's cache and last logits copied into its n rows
         rows = torch.arange(P, device=dev).repeat_interleave(n)
         if n > 1:
             cache, logits, next_pos = cache.select_rows(rows), logits[rows], next_pos[rows]
-        if compile and dev.type == "cuda":  # a CUDA graph writes in place only at fixed addresses
-            for t in cache.k + cache.v + [cache.valid]:
-                torch._dynamo.mark_static_address(t)
         keys = torch.as_tensor(keys if keys is not None else range(P), dtype=torch.long, device=dev)[rows]
         samples = torch.arange(n, device=dev).repeat(P)
 
-        tokens = torch.full((R, max_new_tokens), pad_id, dtype=torch.long, device=dev)
-        logps = torch.zeros(R, max_new_tokens, device=dev)
-        lengths = torch.zeros(R, dtype=torch.long, device=dev)
-        done = torch.zeros(R, dtype=torch.bool, device=dev)
         stop = torch.tensor(stop_ids, dtype=torch.long, device=dev)
         ban = ban_bias(ban_ids, logits.shape[-1], dev)
-        # every step's uniforms and cache slot made up front: step i writes slot T + i of each row
-        idx = torch.arange(max_new_tokens, device=dev)
-        us = row_uniform(seed, keys[:, None], samples[:, None], idx) if temperature > 0 else None  # (R, N)
-        u = lambda i: us[:, i] if us is not None else None  # noqa: E731
-        slots = T + idx
-        step = decode_step(compile, dev)
-        # "all rows done?" makes the host wait for the device: on an accelerator ask only every 8
-        # steps (a few wasted steps at the end cost less than draining the queue at every step)
-        check_every = 1 if dev.type == "cpu" else 8
-        tok, lp = choose(logits, temperature, top_k, top_p, u(0), ban)
-        for i in range(max_new_tokens):
-            if i > 0:  # feed the last token at each row's own position (finished rows too: their
-                # output is dropped, and a row attends to its own cache only), choose the next
-                n_slots = -(-(T + i) // SLOT_BLOCK) * SLOT_BLOCK
-                tok, lp = step(model, tok, next_pos + i - 1, slots[i - 1:i], n_slots, cache, u(i), ban,
-                               temperature, top_k, top_p)
-            tok = tok.masked_fill(done, pad_id)          # finished rows stay frozen
-            tokens[:, i], logps[:, i] = tok, lp.masked_fill(done, 0.0)
-            lengths += (~done).long()
-            done |= torch.isin(tok, stop)
-            if i == max_new_tokens - 1 or (i % check_every == check_every - 1 and bool(done.all())):
-                break
+        # every step's uniforms made up front, (R, N): step i writes slot T + i of each row
+        steps = torch.arange(max_new_tokens, device=dev)
+        us = row_uniform(seed, keys[:, None], samples[:, None], steps) if temperature > 0 else None
+        tok, lp = choose(logits, temperature, top_k, top_p, us[:, 0] if us is not None else None, ban)
+        tokens, logps = decode_loop(model, cache, tok, lp, next_pos, us, max_new_tokens, stop,
+                                    (ban, temperature, top_k, top_p), compile)
 
+    # a row ends at its first stop token (kept), or at the budget; pad and log-prob 0 after it
+    is_stop = torch.isin(tokens, stop)
+    after = (is_stop.cumsum(1) - is_stop.long()) > 0
+    tokens, logps = tokens.masked_fill(after, pad_id), logps.masked_fill(after, 0.0)
+    lengths = max_new_tokens - after.sum(1)
     steps = int(lengths.max())
     tokens, logps = tokens[:, :steps], logps[:, :steps]
     texts = []

@@ -111,6 +111,32 @@ def test_greedy_matches_hf_generate(model, tok, prompts, stops, ckpt):
     assert len({tuple(completion(out, r)) for r in range(len(prompts))}) == len(prompts)  # not degenerate
 
 
+def test_halving_the_batch_changes_no_sample(model, prompts, monkeypatch):
+    """As rows stop, the decode batch halves (sample.halve, 16 rows -> 8 -> ...): every row's
+    tokens, log-probs and length are what the batch never halved gives, at temperature 1 (per-row
+    uniforms) and greedy."""
+    free = sample.generate(model, prompts, n=4, max_new_tokens=30, temperature=1.0, seed=3, stop_ids=[])
+    counts = torch.bincount(free.tokens.flatten(), minlength=model.config.vocab_size)
+    stop_ids = counts.topk(6).indices.tolist()  # frequent tokens: rows stop at many different steps
+    halvings = []
+    real_halve = sample.halve
+    monkeypatch.setattr(sample, "halve", lambda cache, done, *a: halvings.append(done.shape[0]) or
+                        real_halve(cache, done, *a))
+    for temperature in (1.0, 0.0):
+        kw = dict(n=4, max_new_tokens=30, temperature=temperature, seed=3, stop_ids=stop_ids)
+        monkeypatch.setattr(sample, "MIN_ROWS", 10**9)  # never halve
+        ref = sample.generate(model, prompts, **kw)
+        assert not halvings
+        monkeypatch.setattr(sample, "MIN_ROWS", 1)
+        got = sample.generate(model, prompts, **kw)
+        assert len(set(ref.lengths.tolist())) >= 3 and halvings[:1] == [16], (ref.lengths, halvings)
+        assert torch.equal(got.tokens, ref.tokens) and torch.equal(got.lengths, ref.lengths)
+        assert torch.equal(got.finished, ref.finished)
+        # float32 products over fewer rows may round differently (by ~3e-5 at log-probs of ~9)
+        assert torch.allclose(got.logprobs, ref.logprobs, atol=1e-4)
+        halvings.clear()
+
+
 def test_compiled_step_matches_uncompiled(model, prompts, stops, monkeypatch):
     """generate(compile=True) samples what the uncompiled step samples (temperature 1, top-p:
     the sampling branch, with its graph break on a CPU). The step is traced by dynamo with
@@ -129,7 +155,7 @@ def test_compiled_step_matches_uncompiled(model, prompts, stops, monkeypatch):
     # a budget whose rows cross into the next block of slots and read the cache's last one: the
     # graph traced above serves it (a slice to the cache's full length would be a second graph)
     T = max(len(p["input_ids"]) for p in prompts[:2])
-    kw.update(max_new_tokens=-T % sample.SLOT_BLOCK + 5, stop_ids=[])
+    kw.update(max_new_tokens=-T % sample.SLOT_BLOCK["cpu"] + 5, stop_ids=[])
     with torch._dynamo.config.patch(error_on_recompile=True):
         got = sample.generate(model, prompts[:2], compile=True, **kw)
     assert torch.equal(got.tokens, sample.generate(model, prompts[:2], **kw).tokens)
