@@ -1,6 +1,7 @@
 """
 The batched KV-cached sampler: prefill each prompt once (vision tower included), copy its cache
-into the n rows of its group, then decode all rows together until each stops.
+into the n rows of its group, then decode all rows together until each stops; as rows stop, the
+decode batch halves (a step's cost grows with its rows, and GRPO's completions stop far apart).
 
     out = generate(model, [data.encode_prompt(tok, "How many red shapes?", [img])], n=4,
                    max_new_tokens=256, temperature=1.0, top_p=0.99, seed=0, tokenizer=tok)
@@ -13,8 +14,9 @@ hash of (seed, prompt key, sample index, step), so a row's draws do not depend o
 on the number of processes; temperature 0 is greedy. Vision tokens are never emitted (a sampled
 <|image_pad|> breaks the next forward). Masks come from lengths, never from token ids. A decode
 step has fixed shapes (model.decode: each row writes one slot, attention reads whole blocks of
-slots under a mask), so `--compile` compiles it once per process, as gpt-fast does (on CUDA as a
-CUDA graph); off by default: on a 2-core CPU the compile costs the demo's runs more than it saves.
+slots under a mask; the batch takes a few sizes, R, R/2, ...), so `--compile` compiles it once per
+process, as gpt-fast does (on CUDA as CUDA graphs); off by default: on a 2-core CPU the compile
+(~5 s for each sampling setting) costs the demo's runs more than it saves.
 
     python sample.py --model DIR --image PATH --question "..." [--n 4 --temperature 1.0]
     python sample.py --model DIR --data FILE.jsonl --out FILE.jsonl       # batch, resumable
@@ -259,12 +261,14 @@ def decode_step(compile, device):
     an argument, so a later model (GRPO's policy, another checkpoint) reuses the compiled code;
     the sizes are symbolic (dynamic), so a new batch or cache size does not compile again; the
     sampling knobs (temperature, top-p) are constants of the graph (specialize_float: symbolic
-    floats make dynamo trace the step twice, 9 s instead of 5 on a 2-core CPU)."""
+    floats make dynamo trace the step twice, 9 s instead of 5 on the 2-core CPU)."""
     if not compile:
         return decode_and_choose
     if device.type not in _compiled:
-        mode = "reduce-overhead" if device.type == "cuda" else None
-        step = torch.compile(decode_and_choose, mode=mode, dynamic=True)
+        # on a CPU, take the vector ISA the CPU reports instead of compiling test programs to
+        # check it (1.5-2 s of every process's first compile on the 2-core machine)
+        how = dict(mode="reduce-overhead") if device.type == "cuda" else dict(options={"cpp.vec_isa_ok": True})
+        step = torch.compile(decode_and_choose, dynamic=True, **how)
 
         def specialized(*args):
             with torch._dynamo.config.patch(specialize_float=True):
