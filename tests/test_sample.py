@@ -2,7 +2,8 @@
 
 - greedy completions equal transformers' generate(do_sample=False), token for token
 - the logits of every cached decode step equal a full forward over prompt + completion
-- a row's greedy tokens do not depend on the rest of the batch, rows stopping early included
+- a row's greedy tokens do not depend on the rest of the batch, rows stopping early included;
+  halving the decode batch as rows stop changes no sample (compiled: on one graph)
 - group sampling: one vision-tower call and one prefill row per prompt, not per sample; seeds;
   batch / order invariance of sampling through per-prompt keys
 - temperature, top-k, top-p and inverse-CDF draws on hand-made logits; the hash uniforms
@@ -84,6 +85,19 @@ def cut_at_stop(ids, stop_ids):
             return ids[:i + 1]
     return ids
 
+
+def frequent_stops(model, prompts, **kw):
+    """Stop ids that end rows at many different steps: the 6 tokens sampled most often unstopped."""
+    free = sample.generate(model, prompts, **dict(kw, stop_ids=[]))
+    return torch.bincount(free.tokens.flatten(), minlength=model.config.vocab_size).topk(6).indices.tolist()
+
+
+def record_halvings(monkeypatch):
+    """sample.halve, recording the decode batch's size at each halving -> that list."""
+    sizes, real = [], sample.halve
+    monkeypatch.setattr(sample, "halve", lambda cache, done, *a: sizes.append(done.shape[0]) or real(cache, done, *a))
+    return sizes
+
 # -----------------------------------------------------------------------------
 # against transformers
 
@@ -115,13 +129,8 @@ def test_halving_the_batch_changes_no_sample(model, prompts, monkeypatch):
     """As rows stop, the decode batch halves (sample.halve, 16 rows -> 8 -> ...): every row's
     tokens, log-probs and length are what the batch never halved gives, at temperature 1 (per-row
     uniforms) and greedy."""
-    free = sample.generate(model, prompts, n=4, max_new_tokens=30, temperature=1.0, seed=3, stop_ids=[])
-    counts = torch.bincount(free.tokens.flatten(), minlength=model.config.vocab_size)
-    stop_ids = counts.topk(6).indices.tolist()  # frequent tokens: rows stop at many different steps
-    halvings = []
-    real_halve = sample.halve
-    monkeypatch.setattr(sample, "halve", lambda cache, done, *a: halvings.append(done.shape[0]) or
-                        real_halve(cache, done, *a))
+    stop_ids = frequent_stops(model, prompts, n=4, max_new_tokens=30, temperature=1.0, seed=3)
+    halvings = record_halvings(monkeypatch)
     for temperature in (1.0, 0.0):
         kw = dict(n=4, max_new_tokens=30, temperature=temperature, seed=3, stop_ids=stop_ids)
         monkeypatch.setattr(sample, "MIN_ROWS", 10**9)  # never halve
@@ -159,6 +168,15 @@ def test_compiled_step_matches_uncompiled(model, prompts, stops, monkeypatch):
     with torch._dynamo.config.patch(error_on_recompile=True):
         got = sample.generate(model, prompts[:2], compile=True, **kw)
     assert torch.equal(got.tokens, sample.generate(model, prompts[:2], **kw).tokens)
+    # rows stopping at many different steps: the batch halves (16 rows -> 8 -> 4 -> 2) on that graph
+    kw.update(n=4, max_new_tokens=20)
+    kw.update(stop_ids=frequent_stops(model, prompts, **kw))
+    monkeypatch.setattr(sample, "MIN_ROWS", 2)
+    sizes = record_halvings(monkeypatch)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = sample.generate(model, prompts, compile=True, **kw)
+    assert sizes[:2] == [16, 8], sizes
+    assert torch.equal(got.tokens, sample.generate(model, prompts, **kw).tokens)
 
 
 @pytest.mark.cuda
