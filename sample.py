@@ -322,6 +322,8 @@ def decode_loop(model, cache, tok, lp, next_pos, us, N, stop, sampling, compile)
             n_slots = -(-(T + i) // block) * block
             tok, lp = step(model, tok, next_pos + i - 1, slots[i - 1:i], n_slots, cache,
                            us[:, i] if us is not None else None, *sampling)
+            if static:  # a CUDA graph's outputs are overwritten by its next replay: keep a copy
+                tok = tok.clone()
         toks[:, i], lps[:, i] = tok, lp
         done |= torch.isin(tok, stop)
         if i % check_every == check_every - 1:
