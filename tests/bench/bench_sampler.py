@@ -2,6 +2,7 @@
 with the same weights.
 
     python tests/bench/bench_sampler.py --config demo              # CPU: the demo's model, GRPO's 16 x 8 rows
+    python tests/bench/bench_sampler.py --config demo --model runs/sft1 --stop --new-tokens 192  # GRPO's lengths
     python tests/bench/bench_sampler.py                            # CPU, small model, batch 16
     python tests/bench/bench_sampler.py --device cuda --config 3b  # Qwen2.5-VL-3B shape, batch 1 and 64
 
@@ -13,12 +14,13 @@ tokens: a GRPO rollout); HF gets each prompt G times in its batch. small, 3b: ea
 text + one 224x224 random-noise image (64 image tokens) + text, of different lengths (left
 padding is exercised), G = 1. Both sides decode exactly --new-tokens tokens per row: ours with
 stop_ids=[] and the EOS banned, transformers with min_new_tokens = max_new_tokens (which bans the
-EOS the same way), the vision tokens banned on both sides. Runs alternate (HF, ours, ours
+EOS the same way), the vision tokens banned on both sides; with --stop both stop each row at its
+stop token instead (and ours halves its decode batch as rows stop). Runs alternate (HF, ours, ours
 compiled, ...) after one warm-up each; the medians are reported. The compiled side's first call
 compiles the decode step (once per process): its wall time is printed, compile included.
 
-Printed per batch: tokens/s of each (rows * new tokens / wall time of the whole call, vision and
-prefill included), the ratio, ms per decode step, one decode step's forward timed alone, the
+Printed per batch: tokens/s of each (the tokens made, rows * new tokens without --stop, / wall
+time of the whole call, vision and prefill included), the ratio, ms per decode step, one decode step's forward timed alone, the
 step's matrix products alone (every linear layer of the LM and the LM head applied once to the
 batch: on a CPU the floor of a step whatever the code does), and the share of the memory-
 bandwidth roofline (LM weight bytes * decode steps/s / the bandwidth of a large copy: at batch 1
@@ -185,13 +187,15 @@ def matmul_floor_ms(model, B, dev, reps=20):
 
 def bench_batch(ours, hf, cfg, prompts, args, dev):
     """Time ours (uncompiled, and compiled unless --no-compile) and HF's generate on P prompts x
-    G samples, greedy, every row exactly N new tokens. HF gets each prompt G times in its batch
-    (greedy generate() takes no num_return_sequences): the rows ours returns, in the same order."""
+    G samples, greedy, every row exactly N new tokens (with --stop: up to its stop token, at most
+    N). HF gets each prompt G times in its batch (greedy generate() takes no
+    num_return_sequences): the rows ours returns, in the same order."""
     from transformers import GenerationConfig
     N, G, P = args.new_tokens, args.group, len(prompts)
     R, pad = P * G, 0
     vision = sample.vision_token_ids(cfg)
     eos = cfg.eos_token_id
+    stops = sample.default_stop_ids(cfg, args.tokenizer) if args.stop else []
     batch = {k: v.to(dev) for k, v in data.collate(prompts, pad, "left").items()}
     rep = {k: v.repeat_interleave(G, 0) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
     rep["pixel_values"] = torch.cat([p["pixel_values"] for p in prompts for _ in range(G)]).to(dev)
@@ -200,12 +204,13 @@ def bench_batch(ours, hf, cfg, prompts, args, dev):
     T = batch["input_ids"].shape[1]
 
     def run_ours(n=N, compile=False):
-        return sample.generate(ours, prompts, n=G, max_new_tokens=n, temperature=0, stop_ids=[],
-                               ban_ids=vision + [eos], pad_id=pad, compile=compile)
+        return sample.generate(ours, prompts, n=G, max_new_tokens=n, temperature=0, stop_ids=stops,
+                               ban_ids=vision + ([] if stops else [eos]), pad_id=pad, compile=compile)
 
     def run_hf(n=N):
-        gc = GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=eos,
-                              pad_token_id=pad, suppress_tokens=vision, bos_token_id=cfg.bos_token_id)
+        gc = GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=0 if stops else n,
+                              eos_token_id=stops or eos, pad_token_id=pad, suppress_tokens=vision,
+                              bos_token_id=cfg.bos_token_id)
         with torch.no_grad():
             return hf.generate(**rep, mm_token_type_ids=mm, generation_config=gc)
 
@@ -215,29 +220,32 @@ def bench_batch(ours, hf, cfg, prompts, args, dev):
         r["compile_s"], _ = timed(dev, lambda: run_ours(N, compile=True))
     sides = dict(hf=run_hf, ours=run_ours) | (dict(comp=lambda: run_ours(compile=True)) if args.compile else {})
     times = {k: [] for k in sides}
+    n_tok, steps = R * N, N  # tokens made, decode steps (with --stop: each row's up to its stop)
     for _ in range(args.repeats):  # alternated, so a slow spell of the machine hits every side
         for k, fn in sides.items():
             t, out = timed(dev, fn)
             times[k].append(t)
-            got = out if k == "hf" else out.tokens
+            got = out[:, T:] if k == "hf" else out.tokens
             if k != "hf":
-                assert got.shape == (R, N) and (out.lengths == N).all(), (got.shape, out.lengths)
-            r[f"{k}_tokens"] = got[:, T:].cpu() if k == "hf" else got
+                n_tok, steps = int(out.lengths.sum()), int(out.lengths.max())
+                assert stops or (got.shape == (R, N) and (out.lengths == N).all()), (got.shape, out.lengths)
+            r[f"{k}_tokens"] = torch.nn.functional.pad(got.cpu(), (0, N - got.shape[1]), value=pad)
+    r.update(tokens=n_tok, steps=steps)
     for k in sides:
         r[f"{k}_s"] = statistics.median(times[k])
-        r[f"{k}_tok_s"] = R * N / r[f"{k}_s"]
+        r[f"{k}_tok_s"] = n_tok / r[f"{k}_s"]
         if k != "hf":
             r[f"{k}_speedup"] = r["hf_s"] / r[f"{k}_s"]
             r[f"{k}_agree"] = (r[f"{k}_tokens"] == r["hf_tokens"]).float().mean().item()
     step_ms, prefill_ms = decode_step_ms(ours, batch, dev, G, skip=N // 2)
-    r.update(step_ms=step_ms, prefill_ms=prefill_ms, hf_step_ms=1e3 * r["hf_s"] / N,
-             ours_step_ms=1e3 * (r["ours_s"] - prefill_ms / 1e3) / max(N - 1, 1))
+    r.update(step_ms=step_ms, prefill_ms=prefill_ms, hf_step_ms=1e3 * r["hf_s"] / steps,
+             ours_step_ms=1e3 * (r["ours_s"] - prefill_ms / 1e3) / max(steps - 1, 1))
     if args.compile:
-        r["comp_step_ms"] = 1e3 * (r["comp_s"] - prefill_ms / 1e3) / max(N - 1, 1)
+        r["comp_step_ms"] = 1e3 * (r["comp_s"] - prefill_ms / 1e3) / max(steps - 1, 1)
     r["full_ms"] = full_forward_ms(ours, batch, dev)
-    decode_steps_per_s = (N - 1) / max(r["ours_s"] - prefill_ms / 1e3, 1e-9)
+    decode_steps_per_s = (steps - 1) / max(r["ours_s"] - prefill_ms / 1e3, 1e-9)
     r["roofline"] = args.weight_bytes * decode_steps_per_s / args.bandwidth
-    r["hf_roofline"] = args.weight_bytes * (N / r["hf_s"]) / args.bandwidth
+    r["hf_roofline"] = args.weight_bytes * (steps / r["hf_s"]) / args.bandwidth
     r["mm_ms"] = matmul_floor_ms(ours, R, dev)  # a step that only multiplies
     return r
 
@@ -262,7 +270,7 @@ def build(args, dtype, dev, d):
         if not args.model:
             m, tok = data.make_tiny_checkpoint(d, seed=0, **sft.DEMO_TINY)
             M.save_model(m.init_weights(std=args.std, seed=1).to(dtype), d)  # varied greedy tokens
-        tok = data.load_tokenizer(path)
+        tok = args.tokenizer = data.load_tokenizer(path)
         prompts = {P: demo_prompts(tok, P) for P in args.batches}
     else:
         cfg = make_config(args.config)
@@ -319,7 +327,10 @@ def main(argv=None):
     p.add_argument("--std", type=float, default=None, help="init std (default 0.05 small, 0.02 3b, 0.3 demo)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled sampler")
     p.add_argument("--profile", action="store_true", help="also print a torch.profiler table of our decode")
+    p.add_argument("--stop", action="store_true", help="rows stop at their stop token, as in GRPO (with a trained "
+                   "--model: the lengths GRPO sees; ours halves its decode batch as rows stop), instead of N tokens each")
     args = p.parse_args(argv)
+    args.tokenizer = None
     torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
@@ -354,8 +365,9 @@ def main(argv=None):
     for P in args.batches:
         r = bench_batch(ours, hf, cfg, prompts[P], args, dev)
         rows.append(r)
-        print(f"{P} prompts x {args.group}: prompt {r['prompt_len']} tokens, HF {r['hf_s']:.2f}s, ours "
-              f"{r['ours_s']:.2f}s, greedy token agreement {r['ours_agree']:.3f}", file=sys.stderr)
+        print(f"{P} prompts x {args.group}: prompt {r['prompt_len']} tokens, {r['tokens']} new tokens in "
+              f"{r['steps']} steps, HF {r['hf_s']:.2f}s, ours {r['ours_s']:.2f}s, greedy token agreement "
+              f"{r['ours_agree']:.3f}", file=sys.stderr)
     report(rows, args)
     if args.profile:
         profile_decode(ours, cfg, prompts[args.batches[-1]], args.group, dev)
