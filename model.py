@@ -415,6 +415,16 @@ class KVCache:
         view.shape, view.k, view.v, view.valid, view.len = self.shape, self.k, self.v, self.valid, start
         return view
 
+    def keep_rows(self, index):
+        """In place: row i becomes row index[i] (the sampler drops rows that have stopped). One
+        layer's buffers are replaced at a time, so a copy of one layer is all the extra memory
+        (select_rows would hold the old cache and the new one whole at once)."""
+        for layer in range(len(self.k)):
+            if self.k[layer] is not None:
+                self.k[layer], self.v[layer] = self.k[layer][index], self.v[layer][index]
+        self.valid, self.shape = self.valid[index], (len(index), *self.shape[1:])
+        return self
+
     def select_rows(self, index):
         """A new cache whose row i is row index[i] of this one (e.g. each prompt copied G times).
         Under autograd the copies' gradients add up into the source rows."""

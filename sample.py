@@ -289,7 +289,7 @@ def halve(cache, done, rows, *per_row):
     """The decode batch cut to half its rows, the rows still going first -> the cache, done, the
     full batch's index of each row, and each (B, ...) tensor of per_row (None stays None)."""
     keep = torch.argsort(done.to(torch.uint8), stable=True)[:done.shape[0] // 2]
-    return (cache.select_rows(keep), done[keep], rows[keep],
+    return (cache.keep_rows(keep), done[keep], rows[keep],
             *(t[keep] if t is not None else None for t in per_row))
 
 

@@ -485,6 +485,11 @@ def test_kv_cache_select_rows(ref):
     out_orig = ours_forward(model, tokens, torch.ones(B, 1, dtype=torch.long), None, None,
                             position_ids=step_positions(next_pos, 0), cache=cache)[:, -1]
     assert rel_err(out_orig, full) <= TOL
+    # keep_rows: the same rows as select_rows, in place (rows 3 and 0 of the copy: prompts 1 and 0)
+    kept = big.select_rows(torch.tensor([3, 0]))
+    assert big.keep_rows(torch.tensor([3, 0])) is big and big.valid.shape == (2, cache.max_len)
+    assert all(torch.equal(a, b) for a, b in zip(big.k + big.v + [big.valid], kept.k + kept.v + [kept.valid]))
+    assert big.shape[0] == 2 and big.len == T + 2
 
 
 # -----------------------------------------------------------------------------
