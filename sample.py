@@ -391,7 +391,7 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     texts = []
     if tokenizer is not None:
         texts = [tokenizer.decode(tokens[r, :lengths[r]].tolist(), skip_special_tokens=True) for r in range(R)]
-    finished = torch.isin(tokens.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1), stop) & (lengths > 0)
+    finished = is_stop.any(1)
     return Samples(tokens.cpu(), logps.cpu(), lengths.cpu(), finished.cpu(), rows.cpu(), samples.cpu(), texts)
 
 # -----------------------------------------------------------------------------

@@ -292,8 +292,8 @@ def report(rows, args):
               f"{r['hf_step_ms']:>10.2f} {r['ours_step_ms']:>12.2f} {r['step_ms']:>10.2f} {r['mm_ms']:>8.2f} "
               f"{r['prefill_ms']:>9.1f} {r['full_ms']:>9.1f} {r['ours_agree']:>6.3f}"
               f" {100 * r['roofline']:>7.1f}% {100 * r['hf_roofline']:>7.1f}%")
-    print("columns: rows = prompts * group; tok/s = rows * new tokens / wall time of the whole generate "
-          "call; ms/step: HF = its time / new tokens, ours = (time - prefill) / (new tokens - 1); fwd 1 "
+    print("columns: rows = prompts * group; tok/s = new tokens made / wall time of the whole generate "
+          "call; ms/step: HF = its time / decode steps, ours = (time - prefill) / (decode steps - 1); fwd 1 "
           "step = one decode-step forward of ours timed alone; matmuls = the step's matrix products "
           "alone (the floor of a step on a CPU); prefill = our prefill forward (vision included); full "
           "fwd = one uncached forward of the prompts (ms); agree = share of greedy tokens equal to HF's; "
