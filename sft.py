@@ -168,11 +168,34 @@ def micro_batches(rows, rank, world, micro, lengths=None):
     return [mine[i:i + micro] for i in range(0, len(mine), micro)]
 
 
-def encode_batch(tokenizer, rows, pad_id, suffix, device, **px):
-    """Records with a solution -> one padded SFT micro-batch (ids, labels, images) on device."""
-    encs = [data.encode_sft(tokenizer, data.format_question(r, suffix), r["solution"], r["images"], **px)
-            for r in rows]
-    return {k: v.to(device) if v is not None else None for k, v in data.collate(encs, pad_id).items()}
+CACHE_BYTES = 2 << 30  # what EncodedRows may keep per process: 2 GiB
+
+
+class EncodedRows:
+    """rows[i] -> its SFT encoding (ids, labels, pixel values), made on first use and kept while
+    the kept tensors fit in CACHE_BYTES. A small set trained for many epochs (the demo's SFT2 sees
+    each row ~16 times) is tokenized and its images decoded and normalized once, not every epoch;
+    a set too big for the budget keeps its first rows and encodes the rest each time."""
+
+    def __init__(self, tokenizer, rows, suffix, budget=CACHE_BYTES, **px):
+        self.tokenizer, self.rows, self.suffix, self.px = tokenizer, rows, suffix, px
+        self.kept, self.free = {}, budget
+
+    def __call__(self, i):
+        if i in self.kept:
+            return self.kept[i]
+        r = self.rows[i]
+        enc = data.encode_sft(self.tokenizer, data.format_question(r, self.suffix), r["solution"], r["images"], **self.px)
+        size = sum(v.numel() * v.element_size() for v in enc.values() if v is not None)
+        if size <= self.free:
+            self.kept[i], self.free = enc, self.free - size
+        return enc
+
+
+def encode_batch(encoded, idx, pad_id, device):
+    """Row indices -> one padded SFT micro-batch (ids, labels, images) on device."""
+    batch = data.collate([encoded(i) for i in idx], pad_id)
+    return {k: v.to(device) if v is not None else None for k, v in batch.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -693,9 +716,9 @@ def train(args):
     rank, world, device = dist_init(args.device)
     t_start = time.time()
     suffix = data.SUFFIXES.get(args.suffix, args.suffix)
-    px = dict(min_pixels=data.MIN_PIXELS, max_pixels=args.max_pixels)
     r = prepare(args, device, world)
     model, tok, opt, rows, total, start = r["model"], r["tok"], r["opt"], r["rows"], r["total"], r["start"]
+    encoded = EncodedRows(tok, rows, suffix, min_pixels=data.MIN_PIXELS, max_pixels=args.max_pixels)
     logger = MetricsLogger(os.path.join(args.out, "metrics.jsonl"), resume_step=start if r["resume_from"] else None)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     # bf16 in one process: autocast (FSDP's MixedPrecisionPolicy does it on several)
@@ -709,7 +732,7 @@ def train(args):
         lr = cosine_lr(step, total, r["warmup"], args.lr, args.min_lr)
         for g in opt.param_groups:
             g["lr"] = lr
-        batches = [encode_batch(tok, [rows[i] for i in mb], pad_id, suffix, device, **px)
+        batches = [encode_batch(encoded, mb, pad_id, device)
                    for mb in micro_batches(r["order"](step), rank, world, r["micro"], r["lengths"])]
         loss, grad_norm, n_tok, n_all = train_step(model, opt, r["params"], batches, world, autocast, guard, step)
         logger.log(step=step + 1, loss=loss, lr=lr, grad_norm=grad_norm, tokens=n_tok, skipped=guard.streak > 0,

@@ -133,6 +133,25 @@ def runs(world):
     return out
 
 
+def test_encoded_rows_are_the_encoders_and_kept_within_the_budget(world, monkeypatch):
+    tok = data.load_tokenizer(world["model"])
+    rows, _ = data.load_records(world["data"])
+    ref = [data.encode_sft(tok, data.format_question(r), r["solution"], r["images"]) for r in rows[:4]]
+    size = sum(v.numel() * v.element_size() for v in ref[0].values())
+    calls = []
+    real = data.process_images
+    monkeypatch.setattr(data, "process_images", lambda *a, **k: calls.append(1) or real(*a, **k))
+    enc = sft.EncodedRows(tok, rows, "", budget=2 * size + size // 2)  # room for two rows of this size
+    for epoch in range(2):
+        for i in range(4):
+            e = enc(i)
+            assert e.keys() == ref[i].keys() and all(torch.equal(e[k], ref[i][k]) for k in e)
+    assert sorted(enc.kept) == [0, 1] and len(calls) == 2 + 2 * 2  # rows 2 and 3 are encoded each epoch
+    b = sft.encode_batch(enc, [3, 0], 0, torch.device("cpu"))
+    assert torch.equal(b["input_ids"], data.collate([ref[3], ref[0]], 0)["input_ids"])
+    assert torch.equal(b["pixel_values"], torch.cat([ref[3]["pixel_values"], ref[0]["pixel_values"]]))
+
+
 def test_two_processes_fsdp_equal_one_process(runs):
     """FSDP2 on 2 ranks (gloo) with accumulation 2 == 1 process with accumulation 4, same
     global batches, after 3 optimizer steps."""
