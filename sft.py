@@ -185,7 +185,8 @@ class EncodedRows:
         if i in self.kept:
             return self.kept[i]
         r = self.rows[i]
-        enc = data.encode_sft(self.tokenizer, data.format_question(r, self.suffix), r["solution"], r["images"], **self.px)
+        question = data.format_question(r, self.suffix)
+        enc = data.encode_sft(self.tokenizer, question, r["solution"], r["images"], **self.px)
         size = sum(v.numel() * v.element_size() for v in enc.values() if v is not None)
         if size <= self.free:
             self.kept[i], self.free = enc, self.free - size
