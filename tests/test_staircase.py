@@ -131,7 +131,7 @@ def fake_sampler(real):
 
 
 MINI = dict(base_n=8, base_steps=2, reasoner_n=8, reasoner_steps=2, pool=8, k=2, sft1_steps=2, grpo_n=8,
-            grpo_steps=1, n_distill=8, k2=2, sft2_steps=2, test_n=8,
+            grpo1_steps=1, grpo2_steps=1, n_distill=8, k2=2, sft2_steps=2, test_n=8,
             grpo_flags=["--prompts-per-rollout", "2", "--prompts-per-step", "2", "--group-size", "2",
                         "--max-new-tokens", "8"])
 
@@ -166,6 +166,16 @@ def test_staircase_compile_reaches_every_sampler():
         lines = [line for _, _, cmds in grpo.staircase_stages("r", 0, grpo.DEMO, compile) for line, _ in cmds]
         samplers = [line.startswith(("python sample.py", "python grpo.py")) for line in lines]
         assert sum(samplers) == 5 and [("--compile" in line) for line in lines] == [compile and x for x in samplers]
+
+
+def test_staircase_levels_and_rollouts_are_each_stages_own():
+    """The SFT pools, GRPO1 and GRPO2 each get their own level and GRPO its own rollouts."""
+    c = dict(grpo.DEMO, sft_level="hard", grpo1_level="easy", grpo2_level="mix", grpo1_steps=7, grpo2_steps=9)
+    lines = {name: [line for line, _ in cmds] for name, _, cmds in grpo.staircase_stages("r", 0, c)}
+    level = lambda line: line.split("--level ")[1].split()[0]
+    assert [level(lines[n][0]) for n in ("SFT1", "GRPO1", "SFT2", "GRPO2")] == ["hard", "easy", "hard", "mix"]
+    assert " --steps 7 " in lines["GRPO1"][0] + " " and " --steps 9 " in lines["GRPO2"][0] + " "
+    assert lines["SFT2"][1].startswith("python sample.py --task distill --model r/grpo1 --data r/distill/data.jsonl")
 
 
 def test_paired_step_by_hand():
