@@ -14,9 +14,10 @@ hash of (seed, prompt key, sample index, step), so a row's draws do not depend o
 on the number of processes; temperature 0 is greedy. Vision tokens are never emitted (a sampled
 <|image_pad|> breaks the next forward). Masks come from lengths, never from token ids. A decode
 step has fixed shapes (model.decode: each row writes one slot, attention reads whole blocks of
-slots under a mask; the batch takes a few sizes, R, R/2, ...), so `--compile` compiles it once per
-process, as gpt-fast does (on CUDA as CUDA graphs); off by default: on a 2-core CPU the compile
-(~5 s for each sampling setting) costs the demo's runs more than it saves.
+slots under a mask; the batch takes a few sizes, R, R/2, ...), so `--compile` compiles its
+forward once per process, as gpt-fast does (on CUDA as CUDA graphs); the next token is chosen
+outside the graph, so greedy and sampled calls share it. Off by default here (a run of a few
+hundred rows spends more on the ~4 s compile than it saves); grpo.py compiles on a CPU.
 
     python sample.py --model DIR --image PATH --question "..." [--n 4 --temperature 1.0]
     python sample.py --model DIR --data FILE.jsonl --out FILE.jsonl       # batch, resumable
@@ -238,11 +239,11 @@ def check_request(prompts, n, temperature, top_p, top_k, keys, budget):
         raise ValueError(f"keys has {len(keys)} entries for {len(prompts)} prompts (one key per prompt)")
 
 
-def decode_and_choose(model, tok, pos, slot, n_slots, cache, u, ban, temperature, top_k, top_p):
-    """One decode step (model.decode: a token per row, at shapes that change only with
-    n_slots), then the next token of each row from its logits -> (tokens (R,), log-probs (R,))."""
-    logits = model.decode(tok, pos, slot, cache, n_slots)
-    return choose(logits, temperature, top_k, top_p, u, ban)
+def decode_forward(model, tok, pos, slot, n_slots, cache):
+    """One decode step's forward (model.decode: a token per row, at shapes that change only with
+    n_slots) -> logits (R, V). The part --compile compiles; choosing the next token stays outside
+    it, so greedy and sampled calls, at any temperature, top-k or top-p, share one compiled graph."""
+    return model.decode(tok, pos, slot, cache, n_slots)
 
 
 # a decode step attends over the cache's slots up to the next multiple of a block past the last
@@ -252,28 +253,23 @@ def decode_and_choose(model, tok, pos, slot, n_slots, cache, u, ban, temperature
 # nothing (the compiled step's sizes are symbolic), so small blocks; a CUDA graph is recorded
 # once per shape, so large ones there
 SLOT_BLOCK = {"cpu": 16, "cuda": 64}
-_compiled = {}  # decode_and_choose compiled, once per process and device (on a CPU: 5 s; 20 s the first time)
+_compiled = {}  # decode_forward compiled, once per process and device
 
 
 def decode_step(compile, device):
-    """decode_and_choose, or that step compiled: torch.compile fuses its dozens of small kernels
-    per layer, and on CUDA replays the step as one CUDA graph ("reduce-overhead"). The model is
-    an argument, so a later model (GRPO's policy, another checkpoint) reuses the compiled code;
-    the sizes are symbolic (dynamic), so a new batch or cache size does not compile again; the
-    sampling knobs (temperature, top-p) are constants of the graph (specialize_float: symbolic
-    floats make dynamo trace the step twice, 9 s instead of 5 on the 2-core CPU)."""
+    """decode_forward, or that forward compiled: torch.compile fuses its dozens of small kernels
+    per layer, and on CUDA replays it as one CUDA graph ("reduce-overhead"). The model is an
+    argument, so a later model (GRPO's policy, another checkpoint) reuses the compiled code; the
+    sizes are symbolic (dynamic), so a new batch or cache size does not compile again."""
     if not compile:
-        return decode_and_choose
+        return decode_forward
     if device.type not in _compiled:
-        # on a CPU, take the vector ISA the CPU reports instead of compiling test programs to
-        # check it (1.5-2 s of every process's first compile on the 2-core machine)
-        how = dict(mode="reduce-overhead") if device.type == "cuda" else dict(options={"cpp.vec_isa_ok": True})
-        step = torch.compile(decode_and_choose, dynamic=True, **how)
-
-        def specialized(*args):
-            with torch._dynamo.config.patch(specialize_float=True):
-                return step(*args)
-        _compiled[device.type] = specialized
+        # on a CPU: the wrapper that calls the step's kernels in C++ rather than Python (a step is
+        # ~40 kernel calls of a few microseconds each), and the vector ISA the CPU reports taken
+        # as it is (no test programs compiled to check it: 1.5-2 s of every process's compile)
+        how = dict(mode="reduce-overhead") if device.type == "cuda" else dict(
+            options={"cpp_wrapper": True, "cpp.vec_isa_ok": True})
+        _compiled[device.type] = torch.compile(decode_forward, dynamic=True, **how)
     return _compiled[device.type]
 
 
@@ -309,32 +305,37 @@ def decode_loop(model, cache, tok, lp, next_pos, us, N, stop, sampling, compile)
     slots = T + torch.arange(N, device=dev)
     rows = torch.arange(R, device=dev)  # the decode batch's rows, as rows of the output
     done = torch.zeros(R, dtype=torch.bool, device=dev)
-    step = decode_step(compile, dev)
+    forward = decode_step(compile, dev)
+    ban, sampling = sampling[0], sampling[1:]  # (temperature, top_k, top_p)
     static = compile and dev.type == "cuda"  # a CUDA graph writes in place only at fixed addresses
     pin = lambda c: [torch._dynamo.mark_static_address(t) for t in c.k + c.v + [c.valid]] if static else None  # noqa: E731
     pin(cache)
     # "how many rows go on?" makes the host wait for the device: on an accelerator ask only every
     # 8 steps (a few wasted steps at the end cost less than draining the queue at every step)
     check_every = 1 if dev.type == "cpu" else 8
-    for i in range(N):
-        if i > 0:  # feed the last token at each row's own position (finished rows too: their
-            # output is masked, and a row attends to its own cache only), choose the next
-            n_slots = -(-(T + i) // block) * block
-            tok, lp = step(model, tok, next_pos + i - 1, slots[i - 1:i], n_slots, cache,
-                           us[:, i] if us is not None else None, *sampling)
-            if static:  # a CUDA graph's outputs are overwritten by its next replay: keep a copy
-                tok = tok.clone()
-        toks[:, i], lps[:, i] = tok, lp
-        done |= torch.isin(tok, stop)
-        if i % check_every == check_every - 1:
-            going, B = int((~done).sum()), done.shape[0]
-            if going == 0:
-                break
-            if going <= B // 2 and B // 2 >= MIN_ROWS:
-                if toks is not tokens:
-                    tokens[rows], logps[rows] = toks, lps
-                cache, done, rows, tok, next_pos, us, toks, lps = halve(cache, done, rows, tok, next_pos, us, toks, lps)
-                pin(cache)
+    with contextlib.ExitStack() as compiling:
+        if compile:  # the model's floats (eps, rope_theta) are constants of the graph (symbolic
+            # floats make dynamo trace it twice: 9 s instead of 5 on the 2-core CPU)
+            compiling.enter_context(torch._dynamo.config.patch(specialize_float=True))
+        for i in range(N):
+            if i > 0:  # feed the last token at each row's own position (finished rows too: their
+                # output is masked, and a row attends to its own cache only), choose the next
+                n_slots = -(-(T + i) // block) * block
+                logits = forward(model, tok, next_pos + i - 1, slots[i - 1:i], n_slots, cache)
+                if compile and not static and i == 1:  # guards passed once: later steps differ in sizes only
+                    compiling.enter_context(torch.compiler.set_stance(skip_guard_eval_unsafe=True))
+                tok, lp = choose(logits, *sampling, us[:, i] if us is not None else None, ban)
+            toks[:, i], lps[:, i] = tok, lp
+            done |= torch.isin(tok, stop)
+            if i % check_every == check_every - 1:
+                going, B = int((~done).sum()), done.shape[0]
+                if going == 0:
+                    break
+                if going <= B // 2 and B // 2 >= MIN_ROWS:
+                    if toks is not tokens:
+                        tokens[rows], logps[rows] = toks, lps
+                    cache, done, rows, tok, next_pos, us, toks, lps = halve(cache, done, rows, tok, next_pos, us, toks, lps)
+                    pin(cache)
     if toks is not tokens:
         tokens[rows], logps[rows] = toks, lps
     return tokens, logps
@@ -436,8 +437,8 @@ def top_p(text):
     return value
 
 
-COMPILE_HELP = ("compile the decode step once per process (torch.compile; on CUDA with CUDA graphs). "
-                "Off by default: on a 2-core CPU the compile (5 s; 20 s the first time) saves the demo's runs no time")
+COMPILE_HELP = ("compile the decode step's forward once per process (torch.compile; on CUDA with CUDA graphs): "
+                "on a 2-core CPU a step ~1.6x faster for a compile of ~4 s (~20 s the first time on a machine)")
 
 
 def sampling_args(p):

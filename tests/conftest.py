@@ -17,6 +17,16 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
 
 
+@pytest.fixture(autouse=True)
+def uncompiled_decode(monkeypatch):
+    """grpo.py compiles the decode step's forward by default on a CPU; inductor's compile (~20 s
+    the first time on a machine, again for each model shape) is not what these tests are about:
+    in them the "compiled" forward is the plain one, unless a test installs another (the compile
+    tests of tests/test_sample.py install dynamo's)."""
+    import sample
+    monkeypatch.setattr(sample, "_compiled", {"cpu": sample.decode_forward})
+
+
 # the micro model of the sft/grpo tests: a few thousand parameters, every part of the real shape
 MICRO = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
              num_key_value_heads=1, mrope_section=[2, 3, 3], vision_depth=2, vision_hidden_size=32,

@@ -307,7 +307,7 @@ WORLD_ROWS = 16  # rows of the conftest `world` fixture's data file
 # second step is off-policy), micro-batches of 2 rows (accumulation), KL on
 LOOP = ["--steps", "2", "--group-size", "4", "--prompts-per-rollout", "4", "--prompts-per-step", "2",
         "--micro-batch", "2", "--max-new-tokens", "8", "--eval-every", "0", "--lr", "3e-3", "--beta", "0.05",
-        "--save-every", "2", "--device", "cpu"]
+        "--save-every", "2", "--no-compile", "--device", "cpu"]  # compiled decode: tests/test_sample.py
 
 
 def metrics(out):
@@ -395,6 +395,22 @@ def test_learning_raises_the_reward(world, tmp_path, monkeypatch):
     first, last = sum(r[:5]) / 5, sum(r[-5:]) / 5
     assert last > first + 0.2, (first, last)
     assert all(m["signal_frac"] > 0 for m in metrics(tmp_path)[:5])
+
+
+@pytest.mark.parametrize("flag,want", [([], True), (["--no-compile"], False), (["--compile"], True)])
+def test_compile_is_on_by_default_on_a_cpu(world, tmp_path, monkeypatch, flag, want):
+    """GRPO's rollouts and its held-out checks sample through the compiled decode step on a CPU
+    unless --no-compile is given (the conftest's stand-in forward spares the compile itself)."""
+    seen, real = [], grpo.sample.generate
+
+    def spy(*args, **kw):
+        seen.append(kw["compile"])
+        return real(*args, **kw)
+    monkeypatch.setattr(grpo.sample, "generate", spy)
+    grpo.main(["--model", world["model"], "--data", world["data"], "--out", str(tmp_path), "--steps", "1",
+               "--group-size", "2", "--prompts-per-rollout", "2", "--prompts-per-step", "2", "--max-new-tokens", "4",
+               "--eval-every", "1", "--eval-n", "2", "--device", "cpu", *flag])
+    assert len(seen) >= 2 and set(seen) == {want}
 
 
 def test_family_sums_by_hand():

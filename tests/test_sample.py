@@ -147,13 +147,13 @@ def test_halving_the_batch_changes_no_sample(model, prompts, monkeypatch):
 
 
 def test_compiled_step_matches_uncompiled(model, prompts, stops, monkeypatch):
-    """generate(compile=True) samples what the uncompiled step samples (temperature 1, top-p:
-    the sampling branch, with its graph break on a CPU). The step is traced by dynamo with
-    symbolic sizes, as decode_step does, but run by the aot_eager backend: its graph and its
-    in-place cache writes are what is tested here (~20 s of tracing); inductor's code generation
-    is tested on CUDA, greedy (test_cuda_compiled_step_matches_uncompiled)."""
+    """generate(compile=True) samples what the uncompiled step samples, at temperature 1 with
+    top-p and greedily, on one graph. The forward is traced by dynamo with symbolic sizes, as
+    decode_step does, but run by the aot_eager backend: its graph and its in-place cache writes
+    are what is tested here (~20 s of tracing); inductor's code generation is tested on CUDA,
+    greedy (test_cuda_compiled_step_matches_uncompiled), and on a CPU by the benchmark."""
     torch._dynamo.reset()
-    step = torch.compile(sample.decode_and_choose, backend="aot_eager", dynamic=True)
+    step = torch.compile(sample.decode_forward, backend="aot_eager", dynamic=True)
     monkeypatch.setattr(sample, "_compiled", {"cpu": step})
     kw = dict(n=2, max_new_tokens=12, temperature=1.0, top_p=0.9, seed=1, stop_ids=stops)
     ref = sample.generate(model, prompts[:2], **kw)
@@ -161,15 +161,16 @@ def test_compiled_step_matches_uncompiled(model, prompts, stops, monkeypatch):
     assert torch.equal(got.tokens, ref.tokens) and torch.equal(got.lengths, ref.lengths)
     assert torch.allclose(got.logprobs, ref.logprobs, atol=1e-5)
     assert len({tuple(r) for r in got.tokens.tolist()}) == 4  # the rows differ: not degenerate
-    # a budget whose rows cross into the next block of slots and read the cache's last one: the
-    # graph traced above serves it (a slice to the cache's full length would be a second graph)
+    # greedy, and a budget whose rows cross into the next block of slots and read the cache's
+    # last one: the graph traced above serves both (the token is chosen outside it; a slice to
+    # the cache's full length would be a second graph)
     T = max(len(p["input_ids"]) for p in prompts[:2])
-    kw.update(max_new_tokens=-T % sample.SLOT_BLOCK["cpu"] + 5, stop_ids=[])
+    kw.update(temperature=0.0, max_new_tokens=-T % sample.SLOT_BLOCK["cpu"] + 5, stop_ids=[])
     with torch._dynamo.config.patch(error_on_recompile=True):
         got = sample.generate(model, prompts[:2], compile=True, **kw)
     assert torch.equal(got.tokens, sample.generate(model, prompts[:2], **kw).tokens)
     # rows stopping at many different steps: the batch halves (16 rows -> 8 -> 4 -> 2) on that graph
-    kw.update(n=4, max_new_tokens=20)
+    kw.update(n=4, max_new_tokens=20, temperature=1.0)
     kw.update(stop_ids=frequent_stops(model, prompts, **kw))
     monkeypatch.setattr(sample, "MIN_ROWS", 2)
     sizes = record_halvings(monkeypatch)
@@ -177,6 +178,21 @@ def test_compiled_step_matches_uncompiled(model, prompts, stops, monkeypatch):
         got = sample.generate(model, prompts, compile=True, **kw)
     assert sizes[:2] == [16, 8], sizes
     assert torch.equal(got.tokens, sample.generate(model, prompts, **kw).tokens)
+
+
+def test_compiled_step_checks_its_guards_at_each_call(model, prompts, stops, monkeypatch):
+    """After its first step a compiled generate call skips dynamo's guards (the later steps
+    differ only in sizes). Each call's first step still checks them: a call with another model
+    (in float64) compiles again and samples what that model samples uncompiled, not
+    what the graph traced for the first model would."""
+    torch._dynamo.reset()
+    step = torch.compile(sample.decode_forward, backend="aot_eager", dynamic=True)
+    monkeypatch.setattr(sample, "_compiled", {"cpu": step})
+    kw = dict(n=2, max_new_tokens=10, temperature=1.0, seed=2, stop_ids=stops)
+    other = copy.deepcopy(model).double()
+    for m in (model, other):
+        got = sample.generate(m, prompts[:2], compile=True, **kw)
+        assert torch.equal(got.tokens, sample.generate(m, prompts[:2], **kw).tokens)
 
 
 @pytest.mark.cuda

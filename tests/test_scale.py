@@ -199,7 +199,7 @@ def wide(tmp_path_factory):
 SCALE = ["--steps", "1", "--group-size", "5", "--prompts-per-rollout", "2", "--prompts-per-step", "2",
          "--micro-batch", "10", "--max-new-tokens", "3", "--temperature", "1.0", "--top-p", "0.99", "--beta", "0.01",
          "--clip-low", "0.2", "--clip-high", "0.3", "--dual-clip", "3", "--lr", "1e-3", "--freeze-vision",
-         "--no-bf16", "--eval-every", "0", "--device", "cpu"]
+         "--no-bf16", "--no-compile", "--eval-every", "0", "--device", "cpu"]
 
 
 def test_3b_widths_two_fsdp2_processes_equal_one(world, wide, tmp_path):

@@ -4,7 +4,7 @@
     python tests/bench/bench_grpo_time.py --model runs/sft1 --steps 20   # a quicker look
 
 Runs `grpo.py --model MODEL --steps N` (every other flag at its default, so the held-out checks
-every 50 rollouts are in it) twice, uncompiled then with --compile, each in its own process and
+every 50 rollouts are in it) twice, with --no-compile then --compile, each in its own process and
 output directory, and reads its metrics.jsonl. Printed for each: the seconds of each phase over
 all rollouts (time_sample, time_score, time_reference, time_update), sampling's share of their
 sum (the first rollout's compile included), the first rollout's sampling seconds, a rollout's
@@ -55,7 +55,7 @@ def main(argv=None):
         p.error(f"{args.model}: no checkpoint there (python grpo.py builds runs/sft1 first)")
     walls = {}
     with tempfile.TemporaryDirectory(prefix="bench_grpo_time_") as d:
-        for name, flags in (("eager", []), ("compiled", ["--compile"])):
+        for name, flags in (("eager", ["--no-compile"]), ("compiled", ["--compile"])):
             walls[name], rows = run(args.model, args.steps, flags, os.path.join(d, name))
             report(name, walls[name], rows)
     print(f"compiled_wall_ratio {walls['compiled'] / walls['eager']:.2f}")

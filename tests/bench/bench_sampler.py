@@ -320,7 +320,8 @@ def main(argv=None):
     p.add_argument("--batch", default=None, help="prompts per call, comma-separated (default: 16 for small and demo, 1,64 for 3b)")
     p.add_argument("--group", type=int, default=None, help="G: samples per prompt (default: 8 for demo, as GRPO; else 1)")
     p.add_argument("--new-tokens", type=int, default=None, help="new tokens per row (default: 64 for demo, else 256)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs of each side (median reported)")
+    p.add_argument("--repeats", type=int, default=9, help="timed runs of each side (median reported; a shared "
+                   "VM's speed drifts by 20%% within minutes, so more than a few)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or 2),
                    help="torch CPU threads (default: $OMP_NUM_THREADS, else 2; on a machine shared with other busy processes, 1: with 2 threads every op waits for a descheduled peer thread)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: float32 on cpu, bfloat16 on cuda")
