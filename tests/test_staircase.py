@@ -9,6 +9,7 @@ import os
 import random
 
 import pytest
+import torch
 
 import data
 import grpo
@@ -186,13 +187,14 @@ def test_paired_step_by_hand():
 
 def test_grpo_without_its_start_model_builds_it(world, tmp_path, monkeypatch):
     """`python grpo.py` on a fresh clone: no runs/sft1 yet, so it says so and builds the stages
-    before GRPO1 with the staircase (until SFT1), then trains from what they made."""
+    before GRPO1 with the staircase (until SFT1; compiled by default on a CPU), then trains from
+    what they made."""
     import shutil
     monkeypatch.chdir(tmp_path)
     calls = []
 
-    def built(root="runs", seed=0, until=None, sizes=None):
-        calls.append((root, seed, until))
+    def built(root="runs", seed=0, until=None, sizes=None, compile=False):
+        calls.append((root, seed, until, compile))
         shutil.copytree(world["model"], "runs/sft1")
         with open("runs/staircase.json", "w") as f:
             json.dump({"SFT1": {}}, f)
@@ -201,5 +203,5 @@ def test_grpo_without_its_start_model_builds_it(world, tmp_path, monkeypatch):
     monkeypatch.setattr(grpo.data, "synth_records", lambda n, level, seed: real(4, level, seed, image_size=56))
     grpo.main(["--steps", "1", "--group-size", "2", "--prompts-per-rollout", "2", "--prompts-per-step", "2",
                "--max-new-tokens", "4", "--eval-every", "0", "--device", "cpu"])
-    assert calls == [("runs", 0, "SFT1")]
+    assert calls == [("runs", 0, "SFT1", not torch.cuda.is_available())]  # compiled sampling on a CPU
     assert os.path.exists("runs/grpo1/model.safetensors")
