@@ -397,10 +397,21 @@ def test_learning_raises_the_reward(world, tmp_path, monkeypatch):
     assert all(m["signal_frac"] > 0 for m in metrics(tmp_path)[:5])
 
 
-@pytest.mark.parametrize("flag,want", [([], True), (["--no-compile"], False), (["--compile"], True)])
-def test_compile_is_on_by_default_on_a_cpu(world, tmp_path, monkeypatch, flag, want):
-    """GRPO's rollouts and its held-out checks sample through the compiled decode step on a CPU
-    unless --no-compile is given (the conftest's stand-in forward spares the compile itself)."""
+def test_compile_by_default_where_a_cpu_has_a_compiler(monkeypatch):
+    """--compile's default: on a CPU with inductor's C++ compiler ($CXX, else g++), else off."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setenv("CXX", "sh")  # a program every machine has
+    assert grpo.sample.compile_by_default(cpu) and not grpo.sample.compile_by_default(cuda)
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    assert not grpo.sample.compile_by_default(cpu)
+
+
+@pytest.mark.parametrize("flag,want", [([], None), (["--no-compile"], False), (["--compile"], True)])
+def test_compile_flag_reaches_every_sampling_call(world, tmp_path, monkeypatch, flag, want):
+    """GRPO's rollouts and its held-out checks sample through the compiled decode step as
+    --[no-]compile says, by default where compile_by_default says (the conftest's stand-in
+    forward spares the compile itself)."""
+    want = grpo.sample.compile_by_default(torch.device("cpu")) if want is None else want
     seen, real = [], grpo.sample.generate
 
     def spy(*args, **kw):

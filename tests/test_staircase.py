@@ -187,8 +187,8 @@ def test_paired_step_by_hand():
 
 def test_grpo_without_its_start_model_builds_it(world, tmp_path, monkeypatch):
     """`python grpo.py` on a fresh clone: no runs/sft1 yet, so it says so and builds the stages
-    before GRPO1 with the staircase (until SFT1; compiled by default on a CPU), then trains from
-    what they made."""
+    before GRPO1 with the staircase (until SFT1; its sampling compiled by default on a CPU), then
+    trains from what they made."""
     import shutil
     monkeypatch.chdir(tmp_path)
     calls = []
@@ -203,5 +203,6 @@ def test_grpo_without_its_start_model_builds_it(world, tmp_path, monkeypatch):
     monkeypatch.setattr(grpo.data, "synth_records", lambda n, level, seed: real(4, level, seed, image_size=56))
     grpo.main(["--steps", "1", "--group-size", "2", "--prompts-per-rollout", "2", "--prompts-per-step", "2",
                "--max-new-tokens", "4", "--eval-every", "0", "--device", "cpu"])
-    assert calls == [("runs", 0, "SFT1", not torch.cuda.is_available())]  # compiled sampling on a CPU
+    on = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert calls == [("runs", 0, "SFT1", sample.compile_by_default(on))]
     assert os.path.exists("runs/grpo1/model.safetensors")
