@@ -323,8 +323,11 @@ def decode_loop(model, cache, tok, lp, next_pos, us, N, stop, sampling, compile)
     check_every = 1 if dev.type == "cpu" else 8
     with contextlib.ExitStack() as compiling:
         if compile:  # the model's floats (eps, rope_theta) are constants of the graph (symbolic
-            # floats make dynamo trace it twice: 9 s instead of 5 on the 2-core CPU)
+            # floats make dynamo trace it twice: 9 s instead of 5 on the 2-core CPU); each size
+            # its own symbol (duck shaping would tie the batch to an equal size, e.g. head_dim 32
+            # at 32 rows, and the first halving would compile the step again)
             compiling.enter_context(torch._dynamo.config.patch(specialize_float=True))
+            compiling.enter_context(torch.fx.experimental._config.patch(use_duck_shape=False))
         for i in range(N):
             if i > 0:  # feed the last token at each row's own position (finished rows too: their
                 # output is masked, and a row attends to its own cache only), choose the next

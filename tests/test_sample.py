@@ -195,6 +195,23 @@ def test_compiled_step_checks_its_guards_at_each_call(model, prompts, stops, mon
         assert torch.equal(got.tokens, sample.generate(m, prompts[:2], **kw).tokens)
 
 
+def test_compiled_step_halves_a_batch_the_size_of_a_model_dim(model, prompts, monkeypatch):
+    """A decode batch as large as one of the model's sizes (32 rows, head_dim 32) is a size of
+    its own in the graph traced for it, so it halves on that graph: duck shaping would tie the two
+    and compile again at the first halving (in the loop's unguarded steps, an error)."""
+    torch._dynamo.reset()
+    step = torch.compile(sample.decode_forward, backend="aot_eager", dynamic=True)
+    monkeypatch.setattr(sample, "_compiled", {"cpu": step})
+    kw = dict(n=model.config.head_dim // len(prompts), max_new_tokens=20, temperature=1.0, seed=3)
+    kw.update(stop_ids=frequent_stops(model, prompts, **kw))
+    monkeypatch.setattr(sample, "MIN_ROWS", 2)
+    sizes = record_halvings(monkeypatch)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = sample.generate(model, prompts, compile=True, **kw)
+    assert sizes[:1] == [32], sizes
+    assert torch.equal(got.tokens, sample.generate(model, prompts, **kw).tokens)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_compiled_step_matches_uncompiled(ckpt, prompts, stops):
