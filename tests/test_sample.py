@@ -146,15 +146,21 @@ def test_halving_the_batch_changes_no_sample(model, prompts, monkeypatch):
         halvings.clear()
 
 
+def traced_forward(monkeypatch):
+    """generate(compile=True) on a fresh dynamo trace of the decode forward, with symbolic sizes
+    as decode_step makes it, run by the aot_eager backend (inductor's code generation is left out)."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(sample, "_compiled", {"cpu": torch.compile(sample.decode_forward, backend="aot_eager",
+                                                                   dynamic=True)})
+
+
 def test_compiled_step_matches_uncompiled(model, prompts, stops, monkeypatch):
     """generate(compile=True) samples what the uncompiled step samples, at temperature 1 with
     top-p and greedily, on one graph. The forward is traced by dynamo with symbolic sizes, as
     decode_step does, but run by the aot_eager backend: its graph and its in-place cache writes
     are what is tested here (~20 s of tracing); inductor's code generation is tested on CUDA,
     greedy (test_cuda_compiled_step_matches_uncompiled), and on a CPU by the benchmark."""
-    torch._dynamo.reset()
-    step = torch.compile(sample.decode_forward, backend="aot_eager", dynamic=True)
-    monkeypatch.setattr(sample, "_compiled", {"cpu": step})
+    traced_forward(monkeypatch)
     kw = dict(n=2, max_new_tokens=12, temperature=1.0, top_p=0.9, seed=1, stop_ids=stops)
     ref = sample.generate(model, prompts[:2], **kw)
     got = sample.generate(model, prompts[:2], compile=True, **kw)
@@ -185,9 +191,7 @@ def test_compiled_step_checks_its_guards_at_each_call(model, prompts, stops, mon
     differ only in sizes). Each call's first step still checks them: a call with another model
     (in float64) compiles again and samples what that model samples uncompiled, not
     what the graph traced for the first model would."""
-    torch._dynamo.reset()
-    step = torch.compile(sample.decode_forward, backend="aot_eager", dynamic=True)
-    monkeypatch.setattr(sample, "_compiled", {"cpu": step})
+    traced_forward(monkeypatch)
     kw = dict(n=2, max_new_tokens=10, temperature=1.0, seed=2, stop_ids=stops)
     other = copy.deepcopy(model).double()
     for m in (model, other):
@@ -199,16 +203,14 @@ def test_compiled_step_halves_a_batch_the_size_of_a_model_dim(model, prompts, mo
     """A decode batch as large as one of the model's sizes (32 rows, head_dim 32) is a size of
     its own in the graph traced for it, so it halves on that graph: duck shaping would tie the two
     and compile again at the first halving (in the loop's unguarded steps, an error)."""
-    torch._dynamo.reset()
-    step = torch.compile(sample.decode_forward, backend="aot_eager", dynamic=True)
-    monkeypatch.setattr(sample, "_compiled", {"cpu": step})
+    traced_forward(monkeypatch)
     kw = dict(n=model.config.head_dim // len(prompts), max_new_tokens=20, temperature=1.0, seed=3)
     kw.update(stop_ids=frequent_stops(model, prompts, **kw))
     monkeypatch.setattr(sample, "MIN_ROWS", 2)
     sizes = record_halvings(monkeypatch)
     with torch._dynamo.config.patch(error_on_recompile=True):
         got = sample.generate(model, prompts, compile=True, **kw)
-    assert sizes[:1] == [32], sizes
+    assert sizes[:1] == [model.config.head_dim], sizes
     assert torch.equal(got.tokens, sample.generate(model, prompts, **kw).tokens)
 
 
